@@ -33,12 +33,20 @@ Map of this file, in order:
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import json
 import math
 import os
+import re
+import signal
+import struct
 import sys
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +134,15 @@ class OutputError(RVCError):
 
 class Interrupted(RVCError):
     exit_code, kind = EXIT_INTERRUPTED, "interrupted"
+
+
+WARNINGS: list[str] = []  # every warning of this run, also reported by --json
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (the input was clipped, resampled, ...)."""
+    WARNINGS.append(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # =============================================================================
@@ -269,9 +286,21 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
     return module.eval()
 
 
+# -----------------------------------------------------------------------------
+# 5a. Voice models (.pth)
+# -----------------------------------------------------------------------------
+
 # [section: voice model loading]
 
+# -----------------------------------------------------------------------------
+# 5b. HuBERT (fairseq hubert_base.pt or a transformers folder)
+# -----------------------------------------------------------------------------
+
 # [section: HuBERT loading]
+
+# -----------------------------------------------------------------------------
+# 5c. RMVPE (rmvpe.pt)
+# -----------------------------------------------------------------------------
 
 # [section: RMVPE loading]
 
@@ -279,9 +308,21 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
 # 6. Networks
 # =============================================================================
 
+# -----------------------------------------------------------------------------
+# 6a. HuBERT content encoder (§3)
+# -----------------------------------------------------------------------------
+
 # [section: HuBERT network]
 
+# -----------------------------------------------------------------------------
+# 6b. RVC synthesizer: text encoder, flow, NSF-HiFiGAN decoder (§2)
+# -----------------------------------------------------------------------------
+
 # [section: synthesizer network]
+
+# -----------------------------------------------------------------------------
+# 6c. RMVPE pitch network (§4.5)
+# -----------------------------------------------------------------------------
 
 # [section: RMVPE network]
 
