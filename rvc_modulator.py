@@ -74,7 +74,389 @@ F0_COARSE_BINS = 256  # coarse pitch in 1..255; 1 means unvoiced
 # 2. CLI
 # =============================================================================
 
-# [section: CLI]
+MODELS_DIR_ENV, HUBERT_ENV, RMVPE_ENV = "RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "models"
+VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
+HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
+DEVICES_HELP = "auto|cpu|cuda|cuda:N"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_INDEX_RATE = 0.75
+PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a terminal
+
+# Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
+RANGES: dict[str, tuple[type, float, float]] = {
+    "f0_up_key": (int, -48, 48),  # semitones; four octaves either way
+    "index_rate": (float, 0.0, 1.0),
+    "filter_radius": (int, 0, 7),
+    "rms_mix_rate": (float, 0.0, 1.0),
+    "protect": (float, 0.0, 0.5),
+    "resample_sr": (int, 8000, 192000),  # or 0: keep the model's rate
+    "speaker_id": (int, 0, 2**31 - 1),
+    "seed": (int, 0, 2**63 - 1),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as a UsageError (one line, our exit code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _ranged(name: str) -> Callable[[str], Any]:
+    kind, low, high = RANGES[name]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if name == "resample_sr" and value == 0:
+            return value
+        if not (low <= value <= high) or (kind is float and not math.isfinite(value)):
+            allowed = f"0 or {low}..{high}" if name == "resample_sr" else f"{low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be in {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False,
+                     description="Convert the voice in a recording to the voice of an RVC model.",
+                     epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
+                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
+
+    def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
+
+    parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present)")
+    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg")
+    parser.add_argument("model", nargs="?", help="voice model name: <models_dir>/rvc/MODEL.pth")
+    option("index_name", metavar="NAME", help="feature index name: <models_dir>/rvc/NAME.index")
+    option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
+    option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
+                                          f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
+    option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
+    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=0, metavar="N",
+           help="transpose by N semitones (default 0)")
+    option("f0_method", choices=F0_METHODS, default=None,
+           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest)")
+    option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
+           help=f"share of retrieved features, 0..1 (default {DEFAULT_INDEX_RATE}; needs --index_name)")
+    option("filter_radius", type=_ranged("filter_radius"), default=3, metavar="N",
+           help="harvest: median-filter the pitch when >= 3 (default 3)")
+    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=0.25, metavar="R",
+           help="0: output loudness follows the input, 1: the model's own (default 0.25)")
+    option("protect", type=_ranged("protect"), default=0.33, metavar="P",
+           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default 0.33)")
+    option("resample_sr", type=_ranged("resample_sr"), default=0, metavar="HZ",
+           help="output sample rate; 0 keeps the model's (default 0)")
+    option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=0, metavar="N",
+           help="speaker of a multi-speaker model (default 0)")
+    option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
+    option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
+    option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
+    option("no_noise", action="store_true", help="switch the synthesizer's random terms off (deterministic)")
+    option("interp_unvoiced", action="store_true",
+           help="fill unvoiced pitch from its neighbours (2026 WebUI; protect then has no effect)")
+    option("json", action="store_true", help="print exactly one JSON object on stdout")
+    option("check", action="store_true", help="check that everything a conversion needs is usable; convert nothing")
+    option("list_models", action="store_true", help="list the voice models in the models folder")
+    option("info", metavar="MODEL", help="describe one voice model")
+    option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
+    option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
+    return parser
+
+
+def check_name(name: str, option: str, suffix: str) -> str:
+    """MODEL and --index_name are base names inside the models folder, never paths."""
+    if name.endswith(suffix):
+        name = name[: -len(suffix)]
+    bad = (not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".")
+           or ".." in name or (os.altsep is not None and os.altsep in name))
+    if bad:
+        raise UsageError(f"{option} must be a plain name inside the models folder, not a path: {name!r}", option)
+    return name
+
+
+@dataclass
+class Paths:
+    """Where every file of a run is, resolved from options, environment and defaults."""
+
+    models_dir: Path
+    model: Path | None = None
+    index: Path | None = None
+    hubert: Path | None = None
+    rmvpe: Path | None = None
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> "Paths":
+        models_dir = Path(args.models_dir or os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR)
+        paths = cls(models_dir)
+        hubert = args.hubert or os.environ.get(HUBERT_ENV)
+        if hubert:
+            paths.hubert = Path(hubert)
+        else:
+            file, folder = models_dir / HUBERT_FILE, models_dir / HUBERT_FOLDER
+            paths.hubert = folder if folder.is_dir() and not file.exists() else file
+        paths.rmvpe = Path(args.rmvpe or os.environ.get(RMVPE_ENV) or models_dir / RMVPE_FILE)
+        return paths
+
+    def voice_model(self, name: str, option: str = "MODEL") -> Path:
+        path = self.models_dir / VOICE_SUBDIR / f"{check_name(name, option, '.pth')}.pth"
+        if not path.is_file():
+            raise NotFoundError("voice model not found", path)
+        return path
+
+    def feature_index(self, name: str) -> Path:
+        name = check_name(name, "--index_name", ".index")
+        path = self.models_dir / VOICE_SUBDIR / f"{name}.index"
+        if "trained" in name:  # users often pick the trained_*.index, which holds no vectors (§5.1)
+            added = path.with_name(f"{name.replace('trained', 'added')}.index")
+            if added.is_file():
+                warn(f"using {added.name} instead of {path.name} (a trained_*.index holds no vectors)")
+                path = added
+        if not path.is_file():
+            raise NotFoundError("index file not found", path)
+        return path
+
+
+def resolve_device(spec: str, precision: str) -> tuple[torch.device, torch.dtype]:
+    """--device and --precision to a torch device and dtype, checking both are usable."""
+    if spec == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif spec == "cpu" or re.fullmatch(r"cuda(:\d+)?", spec):
+        device = torch.device(spec)
+    else:
+        raise UsageError(f"--device must be {DEVICES_HELP}, got {spec!r}", "--device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("no CUDA GPU is visible to torch", "--device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"there is no {spec}; torch sees {torch.cuda.device_count()} GPU(s)", "--device")
+    if precision == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU", "--precision")
+    return device, PRECISIONS[precision]
+
+
+def choose_f0_method(requested: str | None, rmvpe_path: Path) -> str:
+    """rmvpe by default when its weights are there, harvest otherwise."""
+    if requested is None:
+        return "rmvpe" if rmvpe_path.is_file() else "harvest"
+    if requested in F0_OPTIONAL_PACKAGES:
+        _import_optional(requested)
+    elif requested == "rmvpe" and not rmvpe_path.is_file():
+        raise NotFoundError("--f0_method rmvpe needs the RMVPE weights (rmvpe.pt); not found", rmvpe_path)
+    return requested
+
+
+@dataclass
+class Run:
+    """One invocation: parsed options, resolved paths, and what --json reports."""
+
+    args: argparse.Namespace
+    paths: Paths
+    report: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def say(self, message: str) -> None:
+        """Information for a person at a terminal: stderr, silenced by --quiet."""
+        if not self.args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def detail(self, message: str) -> None:
+        if self.args.verbose and not self.args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _model_summary(voice: "VoiceModel", name: str) -> dict:
+    return {"name": name, "version": voice.version, "sample_rate": voice.sample_rate, "f0": voice.has_f0,
+            "speakers": voice.n_speakers, "info": voice.info, **{k: v for k, v in voice.metadata.items()
+                                                                   if k not in ("version", "sample_rate", "f0")}}
+
+
+def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
+    """Index files that belong to a model, by the WebUI's naming rules (§6.2)."""
+    exp = re.sub(r"_e\d+_s\d+$", "", model_name)
+    return sorted(n for n in index_names if "trained" not in n and (
+        n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
+
+
+def list_models(run: Run) -> int:
+    folder = run.paths.models_dir / VOICE_SUBDIR
+    if not folder.is_dir():
+        raise NotFoundError("no voice model folder", folder)
+    indexes = [p.stem for p in folder.glob("*.index")]
+    models = []
+    for path in sorted(folder.glob("*.pth")):
+        try:
+            entry = _model_summary(load_voice_model(path), path.stem)
+        except RVCError as exc:
+            entry = {"name": path.stem, "error": str(exc)}
+        entry["indexes"] = matching_indexes(path.stem, indexes)
+        models.append(entry)
+    run.report.update(models_dir=str(run.paths.models_dir), models=models)
+    if not run.args.json:
+        for m in models:
+            if "error" in m:
+                print(f"{m['name']}\tunusable: {m['error']}")
+            else:
+                print(f"{m['name']}\t{m['version']}\t{m['sample_rate']} Hz\t{'f0' if m['f0'] else 'no-f0'}\t"
+                      f"{m['speakers']} speaker(s)\tindex: {', '.join(m['indexes']) or '-'}")
+    return EXIT_OK
+
+
+def model_info(run: Run) -> int:
+    path = run.paths.voice_model(run.args.info, "--info")
+    folder = path.parent
+    entry = _model_summary(load_voice_model(path), path.stem)
+    entry["indexes"] = matching_indexes(path.stem, [p.stem for p in folder.glob("*.index")])
+    entry["path"] = str(path)
+    run.report["model"] = entry
+    if not run.args.json:
+        for key, value in entry.items():
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
+    """Everything before the conversion itself: also the whole of --check."""
+    args, paths = run.args, run.paths
+    if not (args.input and args.output and args.model):
+        raise UsageError("INPUT, OUTPUT and MODEL are required")
+    model_path = paths.voice_model(args.model)
+    index_path = paths.feature_index(args.index_name) if args.index_name else None
+    output = Path(args.output)
+    check_output_writable(output)
+    device, dtype = resolve_device(args.device, args.precision)
+    audio = read_input_audio(Path(args.input))
+
+    timings = Timings()
+    start = time.perf_counter()
+    voice = load_voice_model(model_path)
+    if args.speaker_id >= voice.n_speakers:
+        raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
+                         "--speaker_id")
+    method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
+    if index_path is None and args.index_rate is not None:
+        warn("--index_rate has no effect without --index_name")
+    index = load_index(index_path, voice.phone_dim) if index_path else None
+    if not paths.hubert.exists():
+        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", paths.hubert)
+    hubert = load_hubert(paths.hubert)
+    rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
+    timings.load = time.perf_counter() - start
+    run.detail(f"loaded models in {timings.load:.2f} s")
+
+    params = ConversionParams(
+        f0_up_key=args.f0_up_key, f0_method=method or "none",
+        index_rate=DEFAULT_INDEX_RATE if args.index_rate is None else args.index_rate,
+        filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
+        resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
+        interp_unvoiced=args.interp_unvoiced)
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype)
+    run.report.update(
+        output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
+        model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
+        f0_method=method, device=str(device), precision=next(k for k, v in PRECISIONS.items() if v == dtype),
+        input_duration=round(audio.duration, 6), timings=timings)
+    return converter, audio, params
+
+
+def convert(run: Run) -> int:
+    converter, audio, params = prepare(run)
+    if run.args.check:
+        run.report["check"] = "ok"
+        run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
+        return EXIT_OK
+    timings: Timings = run.report["timings"]
+    long_input = audio.duration >= PROGRESS_MIN_SECONDS and sys.stderr.isatty() and not run.args.quiet
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rconverting: segment {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    try:
+        samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
+    except (RuntimeError, MemoryError) as exc:
+        raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
+    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=_begin_commit)
+    total = time.perf_counter() - run.started
+    run.report.update(sample_rate=rate, output_duration=round(len(samples) / rate, 6))
+    run.say(f"wrote {run.args.output}: {len(samples) / rate:.2f} s at {rate} Hz in {total:.1f} s "
+            f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
+    return EXIT_OK
+
+
+_COMMITTING = False  # set once the output is being renamed into place: too late to stop
+
+
+def _begin_commit() -> None:
+    global _COMMITTING
+    _COMMITTING = True
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if not _COMMITTING:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def _emit_json(run: Run | None, code: int, error: RVCError | None) -> None:
+    report: dict[str, Any] = {"ok": code == EXIT_OK, "exit_code": code}
+    if run is not None:
+        report.update(run.report)
+        if isinstance(report.get("timings"), Timings):
+            t: Timings = report["timings"]
+            report["timings"] = {"load": t.load, "f0": t.f0, "features": t.features, "synthesis": t.synthesis,
+                                 "total": time.perf_counter() - run.started}
+    if error is not None:
+        report.update(error=error.kind, message=str(error))
+    report["warnings"] = list(WARNINGS)
+    print(json.dumps(report, default=str), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    verbose = "--verbose" in argv
+    run: Run | None = None
+    error: RVCError | None = None
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args = build_parser().parse_args(argv)
+        run = Run(args, Paths.resolve(args))
+        if args.list_models:
+            code = list_models(run)
+        elif args.info:
+            code = model_info(run)
+        else:
+            code = convert(run)
+    except RVCError as exc:
+        error, code = exc, exc.exit_code
+    except KeyboardInterrupt:
+        error = Interrupted("interrupted")
+        code = error.exit_code
+    except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
+        error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
+        code = EXIT_INTERNAL
+        if not verbose:
+            error.message += " (run with --verbose for the traceback)"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if error is not None:
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if want_json:
+        _emit_json(run, code, error)
+    return code
 
 # =============================================================================
 # 3. Errors
@@ -149,7 +531,153 @@ def warn(message: str) -> None:
 # 4. Audio I/O
 # =============================================================================
 
-# [section: audio I/O]
+# Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
+# WebUI's int16 samples exactly; OGG is Vorbis (lossy).
+OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+INPUT_PEAK = 0.95  # §5.1: louder inputs are attenuated to this peak (never amplified)
+OUTPUT_PEAK = 0.99  # §5.8: louder outputs are normalised to this peak before int16
+INT16_SCALE = 32768.0
+
+
+@dataclass
+class InputAudio:
+    """The input as the pipeline sees it: mono float32 at 16 kHz, plus what it was."""
+
+    samples: np.ndarray  # (N,) float32, 16 kHz
+    source_rate: int
+    source_channels: int
+    duration: float  # seconds, of the original file
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """Decode any audio file to (frames, channels) float32 and its rate."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return data, int(rate)
+    except (RuntimeError, sf.LibsndfileError, ValueError, EOFError) as sf_error:
+        # MP3/M4A/... where libsndfile cannot: librosa falls back to audioread (ffmpeg).
+        try:
+            import warnings
+
+            import librosa
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
+        except Exception:
+            raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
+        data = np.atleast_2d(data).T  # librosa gives (channels, frames)
+        return np.ascontiguousarray(data, dtype=np.float32), int(rate)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling (soxr, high quality, via librosa)."""
+    if orig_sr == target_sr:
+        return audio
+    import librosa
+
+    return librosa.resample(audio, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+
+
+def read_input_audio(path: Path) -> InputAudio:
+    """Read an input file as the pipeline wants it: mono float32 at 16 kHz.
+
+    Channels are averaged (like ffmpeg's `-ac 1` for stereo), other rates resampled.
+    Empty, non-finite or undecodable input is an InputAudioError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputAudioError("input file not found", path)
+    if path.is_dir():
+        raise InputAudioError("input is a directory, not an audio file", path)
+    data, rate = _decode(path)
+    frames, channels = data.shape
+    if frames == 0:
+        raise InputAudioError("input has no audio samples", path)
+    if not np.isfinite(data).all():
+        raise InputAudioError("input contains NaN or infinite samples", path)
+    mono = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    if channels > 1:
+        warn(f"mixed {channels} channels down to mono")
+    if rate != SAMPLE_RATE:
+        warn(f"resampled the input from {rate} Hz to {SAMPLE_RATE} Hz")
+        mono = resample(mono, rate, SAMPLE_RATE).astype(np.float32)
+    return InputAudio(np.ascontiguousarray(mono, dtype=np.float32), rate, channels, frames / rate)
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """§5.8: int16 samples; outputs peaking above 0.99 are normalised to that peak."""
+    peak = float(np.abs(audio).max()) / OUTPUT_PEAK if audio.size else 0.0
+    scale = INT16_SCALE / peak if peak > 1 else INT16_SCALE
+    return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
+
+
+def output_format(path: Path) -> tuple[str, str]:
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        supported = ", ".join(OUTPUT_FORMATS)
+        raise UsageError(f"unsupported output format {Path(path).suffix or '(no extension)'!r}; use one of {supported}", path)
+    return fmt
+
+
+def check_output_writable(path: Path) -> None:
+    """Fail early (before any model loads) if the output could not be written."""
+    path = Path(path)
+    output_format(path)
+    if path.is_dir():
+        raise OutputError("output path is a directory", path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError("output directory does not exist", parent)
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise OutputError(f"output directory is not writable ({exc.strerror})", parent) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_audio_atomic(path: Path, samples: np.ndarray, sample_rate: int,
+                       before_commit: Callable[[], None] | None = None) -> None:
+    """Write to a temporary file beside `path`, then rename it into place.
+
+    On any failure (or an interrupt) the temporary file is removed and an existing
+    file at `path` is left as it was; a reader never sees a half-written output.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    fmt, subtype = output_format(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot create the output file ({exc.strerror})", path) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            sf.write(handle, samples, sample_rate, format=fmt, subtype=subtype)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        if before_commit is not None:
+            before_commit()
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the output ({exc.strerror or exc})", path) from exc
+        raise
 
 # =============================================================================
 # 5. Weight loading
@@ -330,19 +858,427 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
 # 7. Pitch
 # =============================================================================
 
-# [section: pitch]
+F0_METHODS = ("rmvpe", "harvest", "dio", "crepe", "pm")
+# Optional estimators: import name and the package a user installs for it.
+F0_OPTIONAL_PACKAGES = {"crepe": ("torchcrepe", "torchcrepe"), "pm": ("parselmouth", "praat-parselmouth")}
+FRAME_PERIOD_MS = 1000.0 * HOP / SAMPLE_RATE  # 10 ms
+PM_VOICING_THRESHOLD = 0.6  # Praat's autocorrelation voicing threshold used by RVC
+CREPE_PERIODICITY_THRESHOLD = 0.1  # crepe frames less periodic than this are unvoiced
+CREPE_BATCH = 512
+HARVEST_MEDIAN = 3  # harvest's median filter kernel; filter_radius > 2 only switches it on
+
+
+def _import_optional(method: str) -> Any:
+    module_name, package = F0_OPTIONAL_PACKAGES[method]
+    import importlib
+
+    try:
+        if method == "crepe":
+            return _import_torchcrepe()
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--f0_method {method} needs the optional package {package}: pip install {package}",
+                         "--f0_method") from exc
+
+
+def _import_torchcrepe() -> Any:
+    """torchcrepe imports torchaudio only to read files, which we never ask it to do.
+
+    Where torchaudio is missing or does not match the installed torch (a common pip
+    state), a placeholder module lets torchcrepe import; its file loader is unused.
+    """
+    import importlib
+    import types
+
+    try:
+        return importlib.import_module("torchcrepe")
+    except (ImportError, OSError) as exc:
+        if "torchaudio" not in repr(exc) and "torchaudio" not in str(getattr(exc, "__cause__", "")):
+            raise ImportError(str(exc)) from exc
+    for name in [m for m in sys.modules if m == "torchcrepe" or m.startswith(("torchcrepe.", "torchaudio"))]:
+        del sys.modules[name]
+    sys.modules["torchaudio"] = types.ModuleType("torchaudio")  # placeholder: torchcrepe.load.audio is unused
+    return importlib.import_module("torchcrepe")
+
+
+def f0_harvest(x: np.ndarray, filter_radius: int) -> np.ndarray:
+    """WORLD harvest + stonemask refinement (§4.3); median-filtered when filter_radius > 2."""
+    import pyworld
+    from scipy.signal import medfilt
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    f0, t = pyworld.harvest(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
+    f0 = pyworld.stonemask(x, f0, t, SAMPLE_RATE)
+    if filter_radius > 2:
+        f0 = medfilt(f0, HARVEST_MEDIAN)
+    return f0
+
+
+def f0_dio(x: np.ndarray) -> np.ndarray:
+    """WORLD dio + stonemask (the classic WebUI's fast estimator, used in training)."""
+    import pyworld
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    f0, t = pyworld.dio(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
+    return pyworld.stonemask(x, f0, t, SAMPLE_RATE)
+
+
+def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
+    """Praat autocorrelation pitch (§4.2), zero-padded to p_len frames as the reference does."""
+    parselmouth = _import_optional("pm")
+    pitch = parselmouth.Sound(x, SAMPLE_RATE).to_pitch_ac(
+        time_step=FRAME_PERIOD_MS / 1000, voicing_threshold=PM_VOICING_THRESHOLD,
+        pitch_floor=F0_MIN, pitch_ceiling=F0_MAX)
+    f0 = pitch.selected_array["frequency"]
+    pad = (p_len - len(f0) + 1) // 2
+    if pad > 0 or p_len - len(f0) - pad > 0:
+        f0 = np.pad(f0, [[pad, p_len - len(f0) - pad]], mode="constant")
+    return f0
+
+
+def f0_crepe(x: np.ndarray, device: torch.device) -> np.ndarray:
+    """CREPE 'full' via torchcrepe (§4.4): periodicity-gated, median/mean smoothed."""
+    torchcrepe = _import_optional("crepe")
+    audio = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)  # (1, N)
+    f0, periodicity = torchcrepe.predict(audio, SAMPLE_RATE, HOP, F0_MIN, F0_MAX, "full",
+                                         batch_size=CREPE_BATCH, device=device, return_periodicity=True)
+    periodicity = torchcrepe.filter.median(periodicity, 3)
+    f0 = torchcrepe.filter.mean(f0, 3)
+    f0[periodicity < CREPE_PERIODICITY_THRESHOLD] = 0
+    return f0[0].cpu().numpy()
+
+
+def interpolate_unvoiced(f0: np.ndarray) -> np.ndarray:
+    """The 2026 WebUI's option (§4.1 step 1): fill unvoiced frames from voiced neighbours."""
+    voiced = f0 > 0
+    if not voiced.any():
+        return f0
+    frames = np.arange(len(f0))
+    out = f0.copy()
+    out[~voiced] = np.interp(frames[~voiced], frames[voiced], f0[voiced])
+    return out
+
+
+def coarse_pitch(f0: np.ndarray) -> np.ndarray:
+    """§4.1: Hz to the 1..255 mel-scale bins the text encoder embeds (1 = unvoiced)."""
+    mel = 1127.0 * np.log(1.0 + f0 / 700.0)
+    voiced = mel > 0
+    mel[voiced] = (mel[voiced] - F0_MEL_MIN) * (F0_COARSE_BINS - 2) / (F0_MEL_MAX - F0_MEL_MIN) + 1
+    mel[mel <= 1] = 1
+    mel[mel > F0_COARSE_BINS - 1] = F0_COARSE_BINS - 1
+    return np.rint(mel).astype(np.int32)
+
+
+def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: int = 0,
+                filter_radius: int = 3, rmvpe: "RMVPE | None" = None,
+                device: torch.device = torch.device("cpu"), interp_unvoiced: bool = False,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """F0 of the whole padded 16 kHz signal (§4.1): (coarse pitch int, f0 in Hz), p_len frames.
+
+    Unvoiced frames stay 0 Hz (classic WebUI) unless interp_unvoiced (2026 WebUI).
+    """
+    if method == "rmvpe":
+        if rmvpe is None:
+            raise NotFoundError("--f0_method rmvpe needs rmvpe.pt", "--rmvpe")
+        f0 = rmvpe.f0(audio_pad)
+    elif method == "harvest":
+        f0 = f0_harvest(audio_pad, filter_radius)
+    elif method == "dio":
+        f0 = f0_dio(audio_pad)
+    elif method == "pm":
+        f0 = f0_pm(audio_pad, p_len)
+    elif method == "crepe":
+        f0 = f0_crepe(audio_pad, device)
+    else:
+        raise UsageError(f"unknown f0 method {method!r}; choose from {', '.join(F0_METHODS)}", "--f0_method")
+    f0 = np.asarray(f0, dtype=np.float64)[:p_len]
+    if len(f0) < p_len:  # estimators disagree by a frame at the end; unvoiced is the safe fill
+        f0 = np.pad(f0, (0, p_len - len(f0)))
+    if interp_unvoiced:
+        f0 = interpolate_unvoiced(f0)
+    f0 = f0 * 2 ** (f0_up_key / 12)
+    return coarse_pitch(f0), f0
 
 # =============================================================================
 # 8. Retrieval
 # =============================================================================
 
-# [section: retrieval]
+INDEX_NEIGHBOURS = 8  # k nearest stored features blended per frame (§5.7 step 4)
+MIN_SQUARED_DISTANCE = 1e-12  # guards 1/d² against an exact match (the reference divides by 0)
+
+
+@dataclass
+class FeatureIndex:
+    """A faiss index of the target voice's HuBERT features, and its stored vectors."""
+
+    path: Path
+    index: Any  # faiss.Index
+    vectors: np.ndarray  # (N, D) float32: the stored features themselves
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+
+def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
+    """Read a WebUI `.index` (faiss) and check it matches the model's feature size."""
+    import faiss
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError("index file not found", path)
+    try:
+        index = faiss.read_index(str(path))
+    except Exception as exc:
+        raise ModelFileError(f"not a readable faiss index ({_first_line(exc)})", path) from exc
+    if index.ntotal == 0:
+        raise ModelFileError("index holds no vectors (a trained_*.index; use the added_*.index)", path)
+    if phone_dim is not None and index.d != phone_dim:
+        raise ModelFileError(f"index has {index.d}-dim features but the model needs {phone_dim} "
+                             f"({'v1' if phone_dim == 256 else 'v2'} HuBERT features)", path)
+    try:
+        vectors = index.reconstruct_n(0, index.ntotal)
+    except Exception as exc:
+        raise ModelFileError(f"cannot read the vectors of the index ({_first_line(exc)})", path) from exc
+    return FeatureIndex(path, index, np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
+    """§5.7 step 4: each frame's k nearest stored features, weighted by 1/d² (T, D)."""
+    distances, ids = index.index.search(np.ascontiguousarray(feats, dtype=np.float32), INDEX_NEIGHBOURS)
+    weights = np.square(1.0 / np.maximum(distances, MIN_SQUARED_DISTANCE))
+    weights[ids < 0] = 0  # faiss pads with -1 when a probed list holds fewer than k vectors
+    total = weights.sum(axis=1, keepdims=True)
+    found = total[:, 0] > 0
+    weights[found] /= total[found]
+    retrieved = np.sum(index.vectors[np.maximum(ids, 0)] * weights[:, :, None], axis=1)
+    retrieved[~found] = feats[~found]  # nothing retrieved: keep the frame as it is
+    return retrieved.astype(np.float32)
 
 # =============================================================================
 # 9. Pipeline
 # =============================================================================
 
-# [section: pipeline]
+# Segmentation constants (§5.2): the WebUI's fp32 values, used on every device so that
+# the result does not depend on the device. They only matter for inputs over X_MAX.
+X_PAD = 1  # s of context added on each side of every segment (trimmed off after synthesis)
+X_QUERY = 6  # s searched on each side of a nominal cut for the quietest point
+X_CENTER = 38  # s between nominal cuts
+X_MAX = 41  # s: inputs up to this long are converted in one piece
+T_PAD = SAMPLE_RATE * X_PAD  # samples at 16 kHz
+T_QUERY = SAMPLE_RATE * X_QUERY
+T_CENTER = SAMPLE_RATE * X_CENTER
+T_MAX = SAMPLE_RATE * X_MAX
+HIGHPASS_HZ = 48  # §5.3: 5th-order Butterworth high-pass, applied forward and backward
+HIGHPASS_ORDER = 5
+PROTECT_OFF = 0.5  # protect >= 0.5 disables consonant protection
+
+
+@dataclass
+class ConversionParams:
+    """What the user chose; defaults are the WebUI's single-file tab (§5)."""
+
+    f0_up_key: int = 0
+    f0_method: str = "rmvpe"
+    index_rate: float = 0.75
+    filter_radius: int = 3
+    rms_mix_rate: float = 0.25
+    protect: float = 0.33
+    resample_sr: int = 0
+    speaker_id: int = 0
+    noise: bool = True  # False: the synthesizer's random terms are off (as in the fixtures)
+    seed: int | None = None
+    interp_unvoiced: bool = False
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, reported by --json."""
+
+    load: float = 0.0
+    f0: float = 0.0
+    features: float = 0.0  # HuBERT and retrieval
+    synthesis: float = 0.0
+
+
+def highpass(audio: np.ndarray) -> np.ndarray:
+    """§5.3: zero-phase 48 Hz high-pass (removes DC and rumble); float64 out."""
+    from scipy.signal import butter, filtfilt
+
+    b, a = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
+    return filtfilt(b, a, audio)
+
+
+def split_points(audio: np.ndarray) -> list[int]:
+    """§5.4: cut points of long inputs, each at the quietest 10 ms within T_QUERY of a
+    nominal cut every T_CENTER samples. Empty when the input fits in one piece."""
+    half = HOP // 2
+    audio_pad = np.pad(audio, (half, half), mode="reflect")
+    if len(audio_pad) <= T_MAX:
+        return []
+    cuts = []
+    for t in range(T_CENTER, len(audio), T_CENTER):
+        lo, hi = t - T_QUERY, min(t + T_QUERY, len(audio))
+        # The 10 ms moving sum of |x| around each sample, summed in the reference's order
+        # (so ties break identically), but only over the window searched.
+        energy = np.zeros(hi - lo)
+        for i in range(HOP):
+            energy += np.abs(audio_pad[lo + i: hi + i])
+        cuts.append(lo + int(np.argmin(energy)))
+    return cuts
+
+
+def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """§5.6: (sample start, sample end, frame start, frame end) of each segment of the
+    padded signal. Each carries T_PAD of context on both sides; the segments' trimmed
+    outputs tile the input."""
+    bounds, start = [], 0
+    for cut in cuts:
+        t = cut // HOP * HOP
+        bounds.append((start, t + 2 * T_PAD + HOP, start // HOP, (t + 2 * T_PAD) // HOP))
+        start = t
+    bounds.append((start, n_padded, start // HOP, n_padded // HOP))
+    return bounds
+
+
+def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float) -> np.ndarray:
+    """§5.8: move the output's loudness envelope towards the input's (rate 0: the input's,
+    1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated."""
+    import librosa
+
+    def envelope(y: np.ndarray, sr: int) -> torch.Tensor:  # (len(output),)
+        rms = librosa.feature.rms(y=y, frame_length=sr // 2 * 2, hop_length=sr // 2)  # (1, frames)
+        return F.interpolate(torch.from_numpy(rms)[None], size=len(output), mode="linear")[0, 0]
+
+    rms_in = envelope(source, SAMPLE_RATE)
+    rms_out = torch.clamp(envelope(output, output_sr), min=1e-6)
+    gain = torch.pow(rms_in, torch.tensor(1 - rate)) * torch.pow(rms_out, torch.tensor(rate - 1))
+    return (output * gain.numpy()).astype(np.float32)
+
+
+class Converter:
+    """Loaded networks on one device, converting 16 kHz audio to the model's voice."""
+
+    def __init__(self, voice: "VoiceModel", hubert: "HubertEncoder", rmvpe: "RMVPE | None" = None,
+                 index: FeatureIndex | None = None, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32):
+        self.voice, self.index, self.device, self.dtype = voice, index, device, dtype
+        self.net = voice.net.to(device, dtype)
+        self.hubert = hubert.to(device, dtype)
+        self.rmvpe = rmvpe.to(device, dtype) if rmvpe is not None else None
+
+    @property
+    def output_rate(self) -> int:
+        return self.voice.sample_rate
+
+    def convert(self, audio: np.ndarray, params: ConversionParams, timings: Timings | None = None,
+                progress: Callable[[int, int], None] | None = None,
+                trace: list[dict] | None = None) -> tuple[np.ndarray, int]:
+        """§5: 16 kHz float audio in, (int16 samples, sample rate) out.
+
+        trace: when given, gets one dict per segment with the intermediate stages
+        (features before/after retrieval, pitch, network output), for stage-by-stage tests.
+        """
+        timings = timings or Timings()
+        audio = np.asarray(audio, dtype=np.float32)
+        peak = float(np.abs(audio).max()) / INPUT_PEAK if audio.size else 0.0
+        if peak > 1:
+            audio = audio / peak
+        audio = highpass(audio)  # float64 from here, like the reference
+        cuts = split_points(audio)
+        audio_pad = np.pad(audio, (T_PAD, T_PAD), mode="reflect")
+        p_len = len(audio_pad) // HOP
+        pitch = pitchf = None
+        if self.voice.has_f0:
+            start = time.perf_counter()
+            coarse, f0 = estimate_f0(audio_pad, p_len, params.f0_method, f0_up_key=params.f0_up_key,
+                                     filter_radius=params.filter_radius, rmvpe=self.rmvpe,
+                                     device=self.device, interp_unvoiced=params.interp_unvoiced)
+            pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
+            pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
+            timings.f0 += time.perf_counter() - start
+        generator = self._generator(params.seed)
+        sid = torch.tensor([params.speaker_id], device=self.device)
+        trim = self.output_rate * X_PAD
+        parts = []
+        bounds = segments(len(audio_pad), cuts)
+        for k, (a, b, fa, fb) in enumerate(bounds):
+            seg_pitch = None if pitch is None else pitch[:, fa:fb]
+            seg_pitchf = None if pitchf is None else pitchf[:, fa:fb]
+            seg_trace = None if trace is None else {}
+            if seg_trace is not None:
+                trace.append(seg_trace)
+            out = self._convert_segment(audio_pad[a:b], seg_pitch, seg_pitchf, sid, params, generator,
+                                        timings, seg_trace)
+            parts.append(out[trim: len(out) - trim])
+            if progress is not None:
+                progress(k + 1, len(bounds))
+        result = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        if not np.isfinite(result).all():
+            raise InferenceError("the network produced non-finite audio")
+        if params.rms_mix_rate != 1 and result.size:
+            result = mix_rms(audio, result, self.output_rate, params.rms_mix_rate)
+        rate = self.output_rate
+        if params.resample_sr >= SAMPLE_RATE and params.resample_sr != rate:
+            result, rate = resample(result, rate, params.resample_sr), params.resample_sr
+        return to_int16(result), rate
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    @torch.no_grad()
+    def _convert_segment(self, segment: np.ndarray, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
+                         sid: torch.Tensor, params: ConversionParams, generator: torch.Generator,
+                         timings: Timings, trace: dict | None) -> np.ndarray:
+        """§5.7: one padded segment to audio at the model's rate (float32, untrimmed)."""
+        start = time.perf_counter()
+        wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
+        feats = self.hubert.extract(wave, self.voice.version)  # (1, T, D)
+        protect = self.voice.has_f0 and params.protect < PROTECT_OFF
+        raw = feats
+        if trace is not None:
+            trace["feats_hubert"] = feats[0].float().cpu().numpy()
+        if self.index is not None and params.index_rate != 0:
+            retrieved = retrieve(feats[0].float().cpu().numpy(), self.index)
+            retrieved = torch.from_numpy(retrieved)[None].to(self.device, feats.dtype)
+            feats = retrieved * params.index_rate + (1 - params.index_rate) * feats
+            if trace is not None:
+                trace["feats_blend"] = feats[0].float().cpu().numpy()
+        feats = torch.repeat_interleave(feats, 2, dim=1)  # (1, 2T, D): 50 Hz features to 100 Hz frames
+        p_len = min(len(segment) // HOP, feats.shape[1])
+        feats = feats[:, :p_len]
+        if pitch is not None:
+            pitch, pitchf = pitch[:, :p_len], pitchf[:, :p_len]
+            if protect:
+                feats = self._protect(feats, torch.repeat_interleave(raw, 2, dim=1)[:, :p_len], pitchf, params.protect)
+        timings.features += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, generator=generator)
+        except torch.OutOfMemoryError as exc:
+            raise InferenceError(f"out of memory on {self.device}; try --device cpu", "--device") from exc
+        audio = audio[0].float().cpu().numpy()
+        timings.synthesis += time.perf_counter() - start
+        if trace is not None:
+            trace.update(pitch=None if pitch is None else pitch[0].cpu().numpy(),
+                         pitchf=None if pitchf is None else pitchf[0].cpu().numpy(),
+                         phone_lengths=p_len, net_out=audio)
+        return audio
+
+    @staticmethod
+    def _protect(feats: torch.Tensor, raw: torch.Tensor, pitchf: torch.Tensor, protect: float) -> torch.Tensor:
+        """§5.7 step 7: on unvoiced frames mix the retrieved features back towards the raw
+        ones (weight `protect`), which keeps consonants and breaths intelligible."""
+        weight = pitchf.clone()
+        weight[pitchf > 0] = 1
+        weight[pitchf < 1] = protect
+        weight = weight[..., None]  # (1, T, 1)
+        return (feats * weight + raw * (1 - weight)).to(raw.dtype)
 
 
 if __name__ == "__main__":
