@@ -400,9 +400,15 @@ def _begin_commit() -> None:
     _COMMITTING = True
 
 
+_SIGNAL_RECEIVED: list[str] = []
+
+
 def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
+    swallows), so every cleanup on the way out runs and no partial output remains."""
     if not _COMMITTING:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+        _SIGNAL_RECEIVED.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
 
 
 def _emit_json(run: Run | None, code: int, error: RVCError | None) -> None:
@@ -438,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RVCError as exc:
         error, code = exc, exc.exit_code
     except KeyboardInterrupt:
-        error = Interrupted("interrupted")
+        error = Interrupted(f"interrupted by {_SIGNAL_RECEIVED[-1] if _SIGNAL_RECEIVED else 'SIGINT'}")
         code = error.exit_code
     except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
         error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")

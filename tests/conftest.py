@@ -51,3 +51,33 @@ def snr_db(reference, estimate) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * np.log10(np.sum(reference ** 2) / noise))
+
+
+SCRIPT = REPO / "rvc_modulator.py"
+_RVC_ENV = ("RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE")
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 600, **kwargs):
+    """Run the CLI the way a Go service does: a subprocess, no terminal, stdin closed."""
+    import subprocess
+
+    base = {k: v for k, v in os.environ.items() if k not in _RVC_ENV}
+    base.update(env or {})
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=base, timeout=timeout, **kwargs)
+
+
+def speech_like(seconds: float, sr: int = 16000, f0: float = 140.0, seed: int = 0):
+    """A voice-like test signal: a harmonic tone with vibrato and syllable-rate amplitude,
+    short noise bursts (consonants) and pauses. Peak 0.5."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    pitch = f0 * (1 + 0.05 * np.sin(2 * np.pi * 5 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / sr
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    syllables = np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
+    consonants = rng.standard_normal(len(t)) * (np.sin(2 * np.pi * 3 * t + np.pi) > 0.9)
+    y = voice * syllables + 0.3 * consonants
+    return (0.5 * y / np.abs(y).max()).astype(np.float32)
