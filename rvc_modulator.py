@@ -1112,7 +1112,19 @@ def highpass(audio: np.ndarray) -> np.ndarray:
     from scipy.signal import butter, filtfilt
 
     b, a = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
-    return filtfilt(b, a, audio)
+    edge = 3 * max(len(a), len(b))  # scipy's default edge padding, which needs a longer input
+    return filtfilt(b, a, audio, padlen=min(edge, len(audio) - 1))
+
+
+def condition(audio: np.ndarray) -> np.ndarray:
+    """§5.1 and §5.3: attenuate a too-loud input to a 0.95 peak, then high-pass it.
+
+    Returns float64, as the reference works in float64 from here on."""
+    audio = np.asarray(audio, dtype=np.float32)
+    peak = float(np.abs(audio).max()) / INPUT_PEAK if audio.size else 0.0
+    if peak > 1:
+        audio = audio / peak
+    return highpass(audio)
 
 
 def split_points(audio: np.ndarray) -> list[int]:
@@ -1186,11 +1198,7 @@ class Converter:
         (features before/after retrieval, pitch, network output), for stage-by-stage tests.
         """
         timings = timings or Timings()
-        audio = np.asarray(audio, dtype=np.float32)
-        peak = float(np.abs(audio).max()) / INPUT_PEAK if audio.size else 0.0
-        if peak > 1:
-            audio = audio / peak
-        audio = highpass(audio)  # float64 from here, like the reference
+        audio = condition(audio)
         cuts = split_points(audio)
         audio_pad = np.pad(audio, (T_PAD, T_PAD), mode="reflect")
         p_len = len(audio_pad) // HOP

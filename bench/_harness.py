@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: full-size random models with the real configurations, and
+whole-process measurements (wall time and peak RSS of a child process)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+
+@dataclass
+class Measured:
+    wall: float  # seconds, the whole process
+    peak_rss_mb: float  # the child's peak resident memory
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def measure(argv: list, env: dict | None = None) -> Measured:
+    """Run a child process (built by python_with_peak); its wall time and peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    return Measured(wall, _reported_peak_mb(stderr), proc.returncode, stdout, stderr)
+
+
+def _reported_peak_mb(stderr: str) -> float:
+    for line in reversed(stderr.splitlines()):
+        if line.startswith("PEAK_RSS_KB="):
+            return int(line.split("=", 1)[1]) / 1024
+    return float("nan")
+
+
+PEAK_WRAPPER = (
+    "import resource, runpy, sys;"
+    "sys.argv = sys.argv[1:];"
+    "code = 0\n"
+    "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "except SystemExit as e:\n    code = e.code if isinstance(e.code, int) else 0\n"
+    "print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(code)"
+)
+
+
+def python_with_peak(script: Path, *args) -> list:
+    """argv running `script args` in a Python that reports its own peak RSS on exit."""
+    return [sys.executable, "-c", PEAK_WRAPPER, script, *args]
+
+
+def build_full_models(root: Path, version: str = "v2", sample_rate: int = 40000) -> Path:
+    """models/ with a full-size random voice model, HuBERT base (fairseq) and RMVPE."""
+    from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
+
+    (root / "rvc").mkdir(parents=True, exist_ok=True)
+    if not (root / "rvc" / "bench.pth").exists():
+        make_voice_model_file(root / "rvc" / "bench.pth", version=version, sample_rate=sample_rate, f0=True,
+                              size="full", seed=0)
+    if not (root / "hubert_base.pt").exists():
+        make_hubert_fairseq(root / "hubert_base.pt", size="full", seed=0)
+    if not (root / "rmvpe.pt").exists():
+        make_rmvpe_file(root / "rmvpe.pt", size="full", seed=0)
+    return root
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    line = lambda r: "  ".join(str(r[k]).rjust(widths[k]) for k in keys)  # noqa: E731
+    return "\n".join([line({k: k for k in keys}), *map(line, rows)])
