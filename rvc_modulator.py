@@ -431,6 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "--verbose" in argv
     run: Run | None = None
     error: RVCError | None = None
+    if not verbose:  # stderr is an API: libraries' own warnings (deprecations, ...) stay off it
+        import warnings
+
+        warnings.simplefilter("ignore")
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = build_parser().parse_args(argv)

@@ -40,12 +40,12 @@ def main() -> None:
         for method in args.methods:
             run = measure(python_with_peak(REPO / "rvc_modulator.py", source, out / "converted.wav", "bench",
                                            "--models_dir", models, "--f0_method", method, "--device", args.device,
-                                           "--index_rate", "0", "--json", "--quiet"))
+                                           "--json", "--quiet"))
             if run.returncode != 0:
                 sys.exit(f"{seconds:g} s {method}: failed\n{run.stderr}")
             report = json.loads(run.stdout)
             t = report["timings"]
-            convert = t["f0"] + t["features"] + t["synthesis"]
+            convert = t["total"] - t["load"]  # read, f0, features, synthesis, post-processing, write
             rows.append({"audio s": f"{seconds:g}", "f0": method, "device": report["device"],
                          "start-up s": f"{run.wall - t['total']:.2f}", "load s": f"{t['load']:.2f}",
                          "f0 s": f"{t['f0']:.2f}", "features s": f"{t['features']:.2f}",
