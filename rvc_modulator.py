@@ -367,15 +367,18 @@ def load_hubert(path: Path) -> HubertEncoder:
         return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
 
     state = _fold_pos_conv(state, config, weights_path, file_name)
-    with torch.device("meta"):  # skip random initialisation: every tensor comes from the file
+    # Built without storage and then handed the file's tensors: random initialisation of
+    # hubert_base would cost about a second, and every tensor is replaced anyway.
+    with torch.device("meta"):
         model = HubertEncoder(config)
-    model.to_empty(device="cpu")
     try:
-        load_checked(model, state, weights_path, ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)])
+        check_state_dict(model, state, weights_path, ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)])
     except ModelFileError as exc:  # check_state_dict quotes our key names; quote the file's
         message = re.sub(r"'([^']+)'", lambda m: repr(file_name(m[1])), exc.message)
         raise ModelFileError(message, weights_path) from None
-    return model
+    own = model.state_dict()
+    model.load_state_dict({k: v.float() for k, v in state.items() if k in own}, strict=True, assign=True)
+    return model.eval()
 
 
 def _rename_prefix(key: str, names: Sequence[tuple[str, str]], to_ours: bool) -> str:
@@ -578,8 +581,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if not (0 <= begin <= end <= data_size and end - begin == numel * dtype.itemsize):
             raise ModelFileError(f"tensor {name!r}: byte range [{begin}, {end}) does not fit its shape "
                                  f"{shape} or the file (truncated?)", path)
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin).view(shape)
-                         if numel else torch.empty(shape, dtype=dtype))
+        if not numel:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        tensor = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        # The format does not promise aligned data; kernels may assume it, so copy those.
+        tensors[name] = tensor.clone() if (start + begin) % dtype.itemsize else tensor
     return tensors
 
 
