@@ -416,7 +416,7 @@ def _read_hubert_fairseq(path: Path) -> tuple[HubertConfig, Mapping[str, torch.T
     """Only `cfg["model"]` (or the old `args`) and `model` are read; fairseq's Dictionary
     and the training state become inert stand-ins that nothing touches."""
     checkpoint = load_torch_file(path, allow_standins=True)
-    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
+    if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
         raise ModelFileError("not a fairseq HuBERT checkpoint (no 'model' state dict)", path)
     cfg = checkpoint.get("cfg")
     if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
@@ -510,8 +510,8 @@ def _read_hubert_folder(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Te
         raise ModelFileError(f"HuBERT folder has no weights ({' or '.join(HUBERT_WEIGHTS_FILES)})", path)
     hubert_config = hubert_config_from_transformers(config, config_path)
     state = read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
-    if not isinstance(state, Mapping):
-        raise ModelFileError("not a state dict", weights)
+    if not _is_state_dict(state):
+        raise ModelFileError("not a state dict (a mapping of tensor names)", weights)
     return hubert_config, state, weights
 
 
@@ -591,6 +591,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- configuration checks ----------------------------------------------------
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(key, str) for key in obj)
+
 
 def _require_supported(cfg: Mapping[str, Any], required: Sequence[tuple[str, Any, Any, str]], path: Path) -> None:
     for key, absent, supported, meaning in required:

@@ -210,6 +210,9 @@ def test_a_checkpoint_that_is_not_a_hubert_is_refused(tmp_path):
     voice_model = tmp_path / "voice.pth"
     torch.save({"weight": {}, "config": [], "version": "v2"}, voice_model)
     assert "no 'model' state dict" in error_of(voice_model).message
+    numbered = tmp_path / "numbered.pt"
+    torch.save({"model": {0: torch.zeros(1)}}, numbered)
+    assert "no 'model' state dict" in error_of(numbered).message
     no_config = tmp_path / "no_config.pt"
     torch.save({"model": {}}, no_config)
     assert "model configuration" in error_of(no_config).message
