@@ -12,7 +12,250 @@ from __future__ import annotations
 
 # --- HuBERT (fairseq .pt and transformers folder) ----------------------------
 
-# [factories: HuBERT]
+# Random HuBERT weights of the real architecture (hubert_base's conv stack, weight-normed
+# grouped positional conv, post-LN transformer, final_proj), written like RVC's
+# hubert_base.pt (fairseq) or like a transformers folder. The two writers rename
+# fairseq's tensor names on their own (not via rvc_modulator), so the loader's mapping is
+# checked against an independent statement of it.
+import argparse
+import contextlib
+import json
+import re
+import struct
+import sys
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HUBERT_SIZES = {
+    "tiny": dict(hidden=64, layers=10, heads=4, ffn=128, conv_dim=32, pos_kernel=16),
+    "full": dict(hidden=768, layers=12, heads=12, ffn=3072, conv_dim=512, pos_kernel=128),  # hubert_base
+}
+HUBERT_CONV = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2  # (kernel, stride) per conv layer
+HUBERT_POS_GROUPS = 16
+HUBERT_FINAL_DIM = 256
+HUBERT_LABELS = 504  # label vocabulary of RVC's ContentVec ("500 class" + 4 specials)
+
+# fairseq name (regex) -> transformers name, as transformers' converter maps them.
+HUBERT_TO_TRANSFORMERS = (
+    (r"feature_extractor\.conv_layers\.0\.2\.", "feature_extractor.conv_layers.0.layer_norm."),
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
+    (r"layer_norm\.", "feature_projection.layer_norm."),
+    (r"post_extract_proj\.", "feature_projection.projection."),
+    (r"encoder\.pos_conv\.0\.", "encoder.pos_conv_embed.conv."),
+    (r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attention."),
+    (r"(encoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.layer_norm."),
+    (r"(encoder\.layers\.\d+)\.fc1\.", r"\1.feed_forward.intermediate_dense."),
+    (r"(encoder\.layers\.\d+)\.fc2\.", r"\1.feed_forward.output_dense."),
+    (r"mask_emb$", "masked_spec_embed"),
+)
+# transformers writes the weight norm under torch's old or new parametrisation names.
+HUBERT_WEIGHT_NORM_NAMES = {
+    "safetensors": (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
+    "bin": (".weight_g", ".weight_v"),
+}
+SAFETENSORS_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _hubert_sizes(size: str, overrides: dict) -> dict:
+    sizes = dict(HUBERT_SIZES[size])
+    sizes.update({k: v for k, v in overrides.items() if v is not None})
+    return sizes
+
+
+def _hubert_weights(hidden: int, layers: int, heads: int, ffn: int, conv_dim: int,
+                    pos_kernel: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under fairseq's names, rounded to fp16 values (kept as fp32) so the
+    fp16 fairseq file and the fp32 transformers folder hold exactly the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def weight(*shape: int) -> torch.Tensor:  # unit gain: activations stay O(1) through the stack
+        fan_in = torch.Size(shape[1:]).numel()
+        return torch.randn(shape, generator=gen) / fan_in ** 0.5
+
+    def gain(n: int) -> torch.Tensor:
+        return 1 + 0.1 * torch.randn(n, generator=gen)
+
+    def bias(n: int) -> torch.Tensor:
+        return 0.1 * torch.randn(n, generator=gen)
+
+    state = {"mask_emb": torch.rand(hidden, generator=gen)}
+    c_in = 1
+    for i, (kernel, _) in enumerate(HUBERT_CONV):
+        state[f"feature_extractor.conv_layers.{i}.0.weight"] = weight(conv_dim, c_in, kernel)
+        c_in = conv_dim
+    state["feature_extractor.conv_layers.0.2.weight"] = gain(conv_dim)
+    state["feature_extractor.conv_layers.0.2.bias"] = bias(conv_dim)
+    state["layer_norm.weight"], state["layer_norm.bias"] = gain(conv_dim), bias(conv_dim)
+    state["post_extract_proj.weight"], state["post_extract_proj.bias"] = weight(hidden, conv_dim), bias(hidden)
+    state["encoder.pos_conv.0.bias"] = bias(hidden)
+    state["encoder.pos_conv.0.weight_g"] = gain(pos_kernel).view(1, 1, pos_kernel)
+    state["encoder.pos_conv.0.weight_v"] = weight(hidden, hidden // HUBERT_POS_GROUPS, pos_kernel)
+    state["encoder.layer_norm.weight"], state["encoder.layer_norm.bias"] = gain(hidden), bias(hidden)
+    for i in range(layers):
+        p = f"encoder.layers.{i}."
+        for proj in ("k", "v", "q", "out"):
+            state[p + f"self_attn.{proj}_proj.weight"] = weight(hidden, hidden)
+            state[p + f"self_attn.{proj}_proj.bias"] = bias(hidden)
+        state[p + "self_attn_layer_norm.weight"], state[p + "self_attn_layer_norm.bias"] = gain(hidden), bias(hidden)
+        state[p + "fc1.weight"], state[p + "fc1.bias"] = weight(ffn, hidden), bias(ffn)
+        state[p + "fc2.weight"], state[p + "fc2.bias"] = weight(hidden, ffn), bias(hidden)
+        state[p + "final_layer_norm.weight"], state[p + "final_layer_norm.bias"] = gain(hidden), bias(hidden)
+    state["final_proj.weight"] = weight(HUBERT_FINAL_DIM, hidden)
+    state["final_proj.bias"] = bias(HUBERT_FINAL_DIM)
+    state["label_embs_concat"] = torch.rand(HUBERT_LABELS, HUBERT_FINAL_DIM, generator=gen)
+    return {k: v.half().float() for k, v in state.items()}
+
+
+def _fairseq_dictionary_class() -> type:
+    """A class that pickles under fairseq's global name for its label Dictionary."""
+    return type("Dictionary", (), {"__module__": "fairseq.data.dictionary", "__qualname__": "Dictionary"})
+
+
+@contextlib.contextmanager
+def _fake_fairseq_modules(dictionary_class: type):
+    """Make `fairseq.data.dictionary.Dictionary` resolvable for pickling, only meanwhile."""
+    names = ("fairseq", "fairseq.data", "fairseq.data.dictionary")
+    assert not any(name in sys.modules for name in names), "a real fairseq is imported"
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["fairseq.data.dictionary"].Dictionary = dictionary_class
+    try:
+        yield
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+def make_hubert_fairseq(path: Path, *, hidden: int | None = None, layers: int | None = None,
+                        heads: int | None = None, ffn: int | None = None, conv_dim: int | None = None,
+                        pos_kernel: int | None = None, seed: int = 0, size: str = "tiny",
+                        config_style: str = "cfg", cfg_overrides: dict | None = None,
+                        tamper: Callable[[dict], None] | None = None) -> Path:
+    """A checkpoint laid out like RVC's hubert_base.pt: `cfg` dicts (or, config_style
+    "args", a pre-hydra argparse.Namespace), an fp16 `model`, and a `task_state` holding a
+    pickled fairseq Dictionary. `tamper` edits the fp16 state dict before saving."""
+    s = _hubert_sizes(size, dict(hidden=hidden, layers=layers, heads=heads, ffn=ffn,
+                                 conv_dim=conv_dim, pos_kernel=pos_kernel))
+    c = s["conv_dim"]
+    model_cfg = {
+        "_name": "hubert", "label_rate": 50.0, "extractor_mode": "default",
+        "encoder_layers": s["layers"], "encoder_embed_dim": s["hidden"],
+        "encoder_ffn_embed_dim": s["ffn"], "encoder_attention_heads": s["heads"],
+        "activation_fn": "gelu", "layer_type": "transformer", "dropout": 0.1,
+        "final_dim": HUBERT_FINAL_DIM, "untie_final_proj": False, "layer_norm_first": False,
+        "conv_feature_layers": f"[({c},10,5)] + [({c},3,2)] * 4 + [({c},2,2)] * 2",
+        "conv_bias": False, "conv_pos": s["pos_kernel"], "conv_pos_groups": HUBERT_POS_GROUPS,
+        "mask_prob": 0.8, "required_seq_len_multiple": 2, "pos_enc_type": "abs",
+    }
+    model_cfg.update(cfg_overrides or {})
+    task_cfg = {"_name": "hubert_pretraining", "normalize": False, "sample_rate": 16000,
+                "labels": ["km"], "label_rate": 50.0}
+    state = {k: v.half() for k, v in _hubert_weights(seed=seed, **s).items()}
+    if tamper is not None:
+        tamper(state)
+
+    dictionary_class = _fairseq_dictionary_class()
+    dictionary = dictionary_class()
+    symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in range(HUBERT_LABELS - 4)]
+    dictionary.__dict__.update(symbols=symbols, count=[1] * len(symbols),
+                               indices={sym: i for i, sym in enumerate(symbols)},
+                               bos_index=0, pad_index=1, eos_index=2, unk_index=3, nspecial=4)
+    checkpoint = {
+        "args": None,
+        "cfg": {"_name": None, "common": {"fp16": True, "seed": 1}, "model": model_cfg,
+                "task": task_cfg, "criterion": {"_name": "hubert"}},
+        "model": state,
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "task_state": {"dictionaries": [dictionary]},
+        "extra_state": {"metrics": {}, "previous_training_time": 0.0},
+        "last_optimizer_state": None,
+    }
+    if config_style == "args":
+        checkpoint["args"] = argparse.Namespace(**{**task_cfg, **model_cfg})  # one flat namespace
+        del checkpoint["cfg"]
+    path = Path(path)
+    with _fake_fairseq_modules(dictionary_class):
+        torch.save(checkpoint, path)
+    return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """The safetensors layout: u64 LE header length, JSON header (space-padded to 8 bytes),
+    then each tensor's little-endian bytes in header order."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+    return Path(path)
+
+
+def make_hubert_transformers(folder: Path, *, hidden: int | None = None, layers: int | None = None,
+                             heads: int | None = None, ffn: int | None = None,
+                             conv_dim: int | None = None, pos_kernel: int | None = None,
+                             seed: int = 0, size: str = "tiny", weights: str = "safetensors",
+                             config_overrides: dict | None = None,
+                             tamper: Callable[[dict], None] | None = None) -> Path:
+    """A transformers HuBERT folder like RVC-main's assets/hubert_base (HubertModel plus
+    final_proj): config.json, preprocessor_config.json and model.safetensors (weight norm
+    as parametrizations) or pytorch_model.bin (weight_g/weight_v). Same weights as
+    make_hubert_fairseq for the same sizes and seed."""
+    s = _hubert_sizes(size, dict(hidden=hidden, layers=layers, heads=heads, ffn=ffn,
+                                 conv_dim=conv_dim, pos_kernel=pos_kernel))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["HubertModelWithFinalProj"], "model_type": "hubert",
+        "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"], "intermediate_size": s["ffn"],
+        "hidden_act": "gelu", "feat_extract_activation": "gelu", "feat_extract_norm": "group",
+        "conv_dim": [s["conv_dim"]] * len(HUBERT_CONV), "conv_kernel": [k for k, _ in HUBERT_CONV],
+        "conv_stride": [st for _, st in HUBERT_CONV], "conv_bias": False,
+        "num_feat_extract_layers": len(HUBERT_CONV),
+        "num_conv_pos_embeddings": s["pos_kernel"], "num_conv_pos_embedding_groups": HUBERT_POS_GROUPS,
+        "conv_pos_batch_norm": False, "do_stable_layer_norm": False, "feat_proj_layer_norm": True,
+        "layer_norm_eps": 1e-5, "classifier_proj_size": HUBERT_FINAL_DIM, "mask_time_prob": 0.05,
+        "vocab_size": 32,
+    }
+    config.update(config_overrides or {})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": False, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+         "feature_size": 1, "padding_value": 0.0, "return_attention_mask": False, "sampling_rate": 16000}))
+
+    g_suffix, v_suffix = HUBERT_WEIGHT_NORM_NAMES[weights]
+    state = {}
+    for name, tensor in _hubert_weights(seed=seed, **s).items():
+        if name == "label_embs_concat":  # fairseq's pre-training targets; no transformers tensor
+            continue
+        for pattern, replacement in HUBERT_TO_TRANSFORMERS:
+            name, count = re.subn("^" + pattern, replacement, name)
+            if count:
+                break
+        name = name.replace(".weight_g", g_suffix).replace(".weight_v", v_suffix)
+        state[name] = tensor
+    if tamper is not None:
+        tamper(state)
+    if weights == "safetensors":
+        write_safetensors(folder / "model.safetensors", state)
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
 
 
 # --- RMVPE (rmvpe.pt) --------------------------------------------------------
