@@ -729,7 +729,8 @@ def _pickled_globals(path: Path) -> list[str]:
 
 def _describe_load_failure(path: Path, exc: BaseException) -> ModelFileError:
     text = str(exc)
-    if "Unsupported global" in text or "unrecognized function" in text or "allowlisted" in text:
+    refused = ("unsupported global", "unrecognized function", "allowlisted", "is blocked")
+    if any(phrase in text.lower() for phrase in refused):  # torch's weights-only unpickler said no
         return ModelFileError("unsafe file: it references Python code or objects that are not weights; refusing to load it", path)
     if isinstance(exc, (EOFError,)) or "failed finding central directory" in text or "truncated" in text.lower():
         return ModelFileError("corrupt or truncated file", path)
