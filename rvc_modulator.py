@@ -311,7 +311,7 @@ _RMVPE_PROBE = "unet.encoder.bn.weight"  # present in every RMVPE file, in nothi
 def _rmvpe_count(state: Mapping[str, Any], pattern: str) -> int:
     """1 + the largest index captured by `pattern` over the keys, 0 when none matches."""
     rx = re.compile(pattern)
-    found = [int(m.group(1)) for key in state if (m := rx.match(key))]
+    found = [int(m.group(1)) for key in state if isinstance(key, str) and (m := rx.match(key))]
     return 1 + max(found) if found else 0
 
 
@@ -359,6 +359,7 @@ def load_rmvpe(path: Path) -> RMVPE:
     counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     return load_checked(model, {**counters, **state}, path)
 
+
 # =============================================================================
 # 6. Networks
 # =============================================================================
@@ -398,13 +399,16 @@ RMVPE_THRESHOLD = 0.03  # a frame is voiced when its peak salience exceeds this
 # The U-Net halves time five times, so the mel is zero-padded to a multiple of 32 frames.
 RMVPE_FRAME_MULTIPLE = 32
 
-# Long inputs: the U-Net's activations grow with the number of frames (~0.2 MB per frame
-# for the real net), so signals beyond RMVPE_MAX_UNCHUNKED_FRAMES are processed in chunks
-# of RMVPE_CHUNK_FRAMES with RMVPE_CONTEXT_FRAMES of real signal on each side, cropped away
-# afterwards. Shorter signals run in one piece, exactly as the reference does.
-RMVPE_MAX_UNCHUNKED_FRAMES = 8192  # ~82 s
-RMVPE_CHUNK_FRAMES = 4096  # ~41 s
-RMVPE_CONTEXT_FRAMES = 512  # ~5 s each side
+# Long inputs. The real net's activations take ~0.09 MB per frame, so an hour (360,000
+# frames) cannot run in one piece. Signals longer than RMVPE_MAX_UNCHUNKED_FRAMES run in
+# chunks of RMVPE_CHUNK_FRAMES, each with RMVPE_CONTEXT_FRAMES of real signal on both sides
+# that is cropped away afterwards (peak ~1 GB). The context covers the receptive field of
+# the real U-Net (about ±1590 frames), so in each chunk's core the U-Net output is the
+# whole-signal one; only the BiGRU starts 16 s early instead of at the signal's start.
+# Chunks and context are multiples of 32 frames so the pooling grid stays aligned.
+RMVPE_MAX_UNCHUNKED_FRAMES = 8192  # ~82 s: one piece, exactly as the reference
+RMVPE_CHUNK_FRAMES = 8192
+RMVPE_CONTEXT_FRAMES = 1600  # 16 s each side
 
 
 def _hz_to_mel_htk(hz: np.ndarray) -> np.ndarray:
@@ -640,9 +644,8 @@ class RMVPE(nn.Module):
         n_frames = 1 + audio.shape[0] // HOP
         if chunk_frames is None:
             chunk_frames = n_frames if n_frames <= RMVPE_MAX_UNCHUNKED_FRAMES else RMVPE_CHUNK_FRAMES
-        elif chunk_frames % RMVPE_FRAME_MULTIPLE or context_frames % RMVPE_FRAME_MULTIPLE:
-            # Chunks starting at multiples of 32 frames keep the U-Net's pooling grid aligned
-            # with the whole-signal one.
+        if chunk_frames < n_frames and (chunk_frames <= 0 or context_frames < 0 or chunk_frames % RMVPE_FRAME_MULTIPLE
+                                        or context_frames % RMVPE_FRAME_MULTIPLE):
             raise ValueError(f"chunk_frames and context_frames must be multiples of {RMVPE_FRAME_MULTIPLE}")
         f0 = []
         for start in range(0, n_frames, chunk_frames):
@@ -651,6 +654,7 @@ class RMVPE(nn.Module):
             salience = self.salience(self.mel(audio, lo, hi))[start - lo: stop - lo]  # (stop - start, 360)
             f0.append(decode_salience(salience.cpu().numpy(), threshold))
         return np.concatenate(f0)
+
 
 # =============================================================================
 # 7. Pitch
