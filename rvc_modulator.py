@@ -399,8 +399,8 @@ RMVPE_THRESHOLD = 0.03  # a frame is voiced when its peak salience exceeds this
 # The U-Net halves time five times, so the mel is zero-padded to a multiple of 32 frames.
 RMVPE_FRAME_MULTIPLE = 32
 
-# Long inputs. The real net's activations take ~0.09 MB per frame, so an hour (360,000
-# frames) cannot run in one piece. Signals longer than RMVPE_MAX_UNCHUNKED_FRAMES run in
+# Long inputs. The real net's activations take ~0.09 MB per frame: an hour (360,000 frames)
+# in one piece would need ~32 GB. Signals longer than RMVPE_MAX_UNCHUNKED_FRAMES run in
 # chunks of RMVPE_CHUNK_FRAMES, each with RMVPE_CONTEXT_FRAMES of real signal on both sides
 # that is cropped away afterwards (peak ~1 GB). The context covers the receptive field of
 # the real U-Net (about ±1590 frames), so in each chunk's core the U-Net output is the
@@ -489,14 +489,19 @@ class ConvBlockRes(nn.Module):
         return self.conv(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
-class ResStack(nn.Module):
+def _res_blocks(c_in: int, c_out: int, n_blocks: int) -> nn.ModuleList:
     """n_blocks ConvBlockRes; the first one changes the channel count."""
+    return nn.ModuleList([ConvBlockRes(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
+
+
+class ResStack(nn.Module):
+    """A ResEncoderBlock of the reference without its pooling (the encoder pools)."""
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int):
         super().__init__()
-        self.conv = nn.ModuleList([ConvBlockRes(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
+        self.conv = _res_blocks(c_in, c_out, n_blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, F) -> (B, C_out, T, F)
         for block in self.conv:
             x = block(x)
         return x
@@ -523,8 +528,23 @@ class Encoder(nn.Module):
         return x, skips
 
 
+class Intermediate(nn.Module):
+    """ResStacks at the bottom of the U: channels ×2 in the first, then unchanged."""
+
+    def __init__(self, cfg: RMVPEConfig):
+        super().__init__()
+        bottom = cfg.en_out_channels * 2 ** cfg.en_de_layers
+        self.layers = nn.ModuleList([ResStack(bottom // 2 if i == 0 else bottom, bottom, cfg.n_blocks)
+                                     for i in range(cfg.inter_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T/32, 4) -> (B, 2C, T/32, 4)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class DecoderLevel(nn.Module):
-    """Transposed-conv upsampling, concatenation with the encoder skip, then a ResStack."""
+    """Transposed-conv upsampling, concatenation with the encoder skip, then residual blocks."""
 
     def __init__(self, c_in: int, c_out: int, stride: tuple[int, int], n_blocks: int):
         super().__init__()
@@ -534,34 +554,40 @@ class DecoderLevel(nn.Module):
                                output_padding=(stride[0] - 1, stride[1] - 1), bias=False),
             _batch_norm(c_out), nn.ReLU(),
         )
-        self.conv2 = ResStack(2 * c_out, c_out, n_blocks).conv
+        self.conv2 = _res_blocks(2 * c_out, c_out, n_blocks)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.conv1(x), skip], dim=1)  # (B, 2·C_out, 2T, 2F)
+        x = torch.cat([self.conv1(x), skip], dim=1)  # (B, C_in, T, F) -> (B, 2·C_out, 2T, 2F)
         for block in self.conv2:
             x = block(x)
         return x  # (B, C_out, 2T, 2F)
+
+
+class Decoder(nn.Module):
+    """Decoder levels, channels ÷2 per level, each joined to the encoder skip of its size."""
+
+    def __init__(self, cfg: RMVPEConfig):
+        super().__init__()
+        bottom = cfg.en_out_channels * 2 ** cfg.en_de_layers
+        self.layers = nn.ModuleList([DecoderLevel(bottom >> i, bottom >> (i + 1), cfg.kernel_size, cfg.n_blocks)
+                                     for i in range(cfg.en_de_layers)])
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for level, skip in zip(self.layers, reversed(skips)):
+            x = level(x, skip)
+        return x
 
 
 class DeepUnet(nn.Module):
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
         self.encoder = Encoder(cfg)
-        bottom = cfg.en_out_channels * 2 ** cfg.en_de_layers  # channels at the bottom of the U
-        self.intermediate = nn.Module()
-        self.intermediate.layers = nn.ModuleList([ResStack(bottom // 2 if i == 0 else bottom, bottom, cfg.n_blocks)
-                                                  for i in range(cfg.inter_layers)])
-        self.decoder = nn.Module()
-        self.decoder.layers = nn.ModuleList([DecoderLevel(bottom >> i, bottom >> (i + 1), cfg.kernel_size, cfg.n_blocks)
-                                             for i in range(cfg.en_de_layers)])
+        self.intermediate = Intermediate(cfg)
+        self.decoder = Decoder(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, 128) -> (B, en_out, T, 128)
         x, skips = self.encoder(x)
-        for layer in self.intermediate.layers:
-            x = layer(x)
-        for layer, skip in zip(self.decoder.layers, reversed(skips)):
-            x = layer(x, skip)
-        return x
+        return self.decoder(self.intermediate(x), skips)
 
 
 class BiGRU(nn.Module):
