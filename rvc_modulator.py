@@ -470,18 +470,18 @@ class RMVPEConfig:
     en_out_channels: int = 16  # channels of the first encoder level; doubled at each level
 
 
-def _batch_norm(channels: int) -> nn.BatchNorm2d:
+def _rmvpe_batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=0.01)
 
 
-class ConvBlockRes(nn.Module):
+class RMVPEConvBlockRes(nn.Module):
     """Two 3×3 conv → BN → ReLU layers plus a residual (1×1 conv when channels change)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _batch_norm(c_out), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _batch_norm(c_out), nn.ReLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _rmvpe_batch_norm(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _rmvpe_batch_norm(c_out), nn.ReLU(),
         )
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
@@ -489,17 +489,17 @@ class ConvBlockRes(nn.Module):
         return self.conv(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
-def _res_blocks(c_in: int, c_out: int, n_blocks: int) -> nn.ModuleList:
-    """n_blocks ConvBlockRes; the first one changes the channel count."""
-    return nn.ModuleList([ConvBlockRes(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
+def _rmvpe_res_blocks(c_in: int, c_out: int, n_blocks: int) -> nn.ModuleList:
+    """n_blocks residual blocks; the first one changes the channel count."""
+    return nn.ModuleList([RMVPEConvBlockRes(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
 
 
-class ResStack(nn.Module):
+class RMVPEResStack(nn.Module):
     """A ResEncoderBlock of the reference without its pooling (the encoder pools)."""
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int):
         super().__init__()
-        self.conv = _res_blocks(c_in, c_out, n_blocks)
+        self.conv = _rmvpe_res_blocks(c_in, c_out, n_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, F) -> (B, C_out, T, F)
         for block in self.conv:
@@ -507,15 +507,15 @@ class ResStack(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """BatchNorm on the input, then levels of ResStack + average pooling (channels ×2 per level)."""
+class RMVPEEncoder(nn.Module):
+    """BatchNorm on the input, then levels of residual blocks + average pooling (channels ×2 per level)."""
 
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
         self.pool = cfg.kernel_size
-        self.bn = _batch_norm(cfg.in_channels)
+        self.bn = _rmvpe_batch_norm(cfg.in_channels)
         widths = [cfg.in_channels] + [cfg.en_out_channels * 2 ** i for i in range(cfg.en_de_layers)]
-        self.layers = nn.ModuleList([ResStack(widths[i], widths[i + 1], cfg.n_blocks)
+        self.layers = nn.ModuleList([RMVPEResStack(widths[i], widths[i + 1], cfg.n_blocks)
                                      for i in range(cfg.en_de_layers)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -528,13 +528,13 @@ class Encoder(nn.Module):
         return x, skips
 
 
-class Intermediate(nn.Module):
+class RMVPEIntermediate(nn.Module):
     """ResStacks at the bottom of the U: channels ×2 in the first, then unchanged."""
 
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
         bottom = cfg.en_out_channels * 2 ** cfg.en_de_layers
-        self.layers = nn.ModuleList([ResStack(bottom // 2 if i == 0 else bottom, bottom, cfg.n_blocks)
+        self.layers = nn.ModuleList([RMVPEResStack(bottom // 2 if i == 0 else bottom, bottom, cfg.n_blocks)
                                      for i in range(cfg.inter_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T/32, 4) -> (B, 2C, T/32, 4)
@@ -543,7 +543,7 @@ class Intermediate(nn.Module):
         return x
 
 
-class DecoderLevel(nn.Module):
+class RMVPEDecoderLevel(nn.Module):
     """Transposed-conv upsampling, concatenation with the encoder skip, then residual blocks."""
 
     def __init__(self, c_in: int, c_out: int, stride: tuple[int, int], n_blocks: int):
@@ -552,9 +552,9 @@ class DecoderLevel(nn.Module):
         self.conv1 = nn.Sequential(
             nn.ConvTranspose2d(c_in, c_out, 3, stride=stride, padding=1,
                                output_padding=(stride[0] - 1, stride[1] - 1), bias=False),
-            _batch_norm(c_out), nn.ReLU(),
+            _rmvpe_batch_norm(c_out), nn.ReLU(),
         )
-        self.conv2 = _res_blocks(2 * c_out, c_out, n_blocks)
+        self.conv2 = _rmvpe_res_blocks(2 * c_out, c_out, n_blocks)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.conv1(x), skip], dim=1)  # (B, C_in, T, F) -> (B, 2·C_out, 2T, 2F)
@@ -563,13 +563,13 @@ class DecoderLevel(nn.Module):
         return x  # (B, C_out, 2T, 2F)
 
 
-class Decoder(nn.Module):
+class RMVPEDecoder(nn.Module):
     """Decoder levels, channels ÷2 per level, each joined to the encoder skip of its size."""
 
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
         bottom = cfg.en_out_channels * 2 ** cfg.en_de_layers
-        self.layers = nn.ModuleList([DecoderLevel(bottom >> i, bottom >> (i + 1), cfg.kernel_size, cfg.n_blocks)
+        self.layers = nn.ModuleList([RMVPEDecoderLevel(bottom >> i, bottom >> (i + 1), cfg.kernel_size, cfg.n_blocks)
                                      for i in range(cfg.en_de_layers)])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
@@ -578,19 +578,19 @@ class Decoder(nn.Module):
         return x
 
 
-class DeepUnet(nn.Module):
+class RMVPEUNet(nn.Module):
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
-        self.encoder = Encoder(cfg)
-        self.intermediate = Intermediate(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = RMVPEEncoder(cfg)
+        self.intermediate = RMVPEIntermediate(cfg)
+        self.decoder = RMVPEDecoder(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, 128) -> (B, en_out, T, 128)
         x, skips = self.encoder(x)
         return self.decoder(self.intermediate(x), skips)
 
 
-class BiGRU(nn.Module):
+class RMVPEBiGRU(nn.Module):
     def __init__(self, n_in: int, n_hidden: int, n_layers: int):
         super().__init__()
         self.gru = nn.GRU(n_in, n_hidden, num_layers=n_layers, batch_first=True, bidirectional=True)
@@ -609,11 +609,11 @@ class RMVPE(nn.Module):
     def __init__(self, cfg: RMVPEConfig = RMVPEConfig()):
         super().__init__()
         self.cfg = cfg
-        self.unet = DeepUnet(cfg)
+        self.unet = RMVPEUNet(cfg)
         self.cnn = nn.Conv2d(cfg.en_out_channels, 3, 3, padding=1)
         # Dropout(0.25) and Sigmoid follow in the reference Sequential (fc.2, fc.3): neither
         # has weights, dropout is the identity at inference, and forward applies the sigmoid.
-        self.fc = nn.Sequential(BiGRU(3 * RMVPE_N_MELS, 256, cfg.n_gru), nn.Linear(512, RMVPE_N_BINS))
+        self.fc = nn.Sequential(RMVPEBiGRU(3 * RMVPE_N_MELS, 256, cfg.n_gru), nn.Linear(512, RMVPE_N_BINS))
         self.mel_basis = torch.from_numpy(rmvpe_mel_filterbank())  # (128, 513)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
