@@ -290,7 +290,193 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
 # 5a. Voice models (.pth)
 # -----------------------------------------------------------------------------
 
-# [section: voice model loading]
+# A voice model file (§1) is a dict: `weight` (the synthesizer's state dict without the
+# training-only posterior encoder enc_q, usually fp16, weight norm as weight_g/weight_v
+# pairs), `config` (18 constructor arguments), `info`, `sr`, `f0`, `version`, plus extra
+# keys from forks such as Applio. The architecture is read from the tensors themselves
+# (phone dim, pitch embedding, speaker table); `version`/`f0` only get a warning when they
+# disagree. Training checkpoints (G_*.pth) are refused rather than extracted on the fly:
+# they carry no config, and guessing the upsample rates from shapes would be fragile.
+
+PHONE_DIM_VERSIONS = {256: "v1", 768: "v2"}  # content feature size -> model version
+SUPPORTED_VOCODER = "HiFi-GAN"  # Applio's name for RVC's own (NSF-)HiFi-GAN decoder
+# Tensor-name prefixes of Applio's other decoders, which this file does not implement.
+FOREIGN_DECODER_PREFIXES = {
+    "MRF HiFi-GAN": ("dec.upsamples.", "dec.mrfs."),
+    "RefineGAN": ("dec.downsample_blocks.", "dec.upsample_blocks.", "dec.pre_conv.", "dec.mel_conv."),
+}
+# Extra keys Applio writes (§1.2); reported as metadata when present.
+APPLIO_METADATA_KEYS = ("epoch", "step", "creation_date", "model_hash", "dataset_length", "model_name",
+                        "author", "embedder_model", "speakers_id", "vocoder")
+CONTENTVEC_EMBEDDERS = (None, "contentvec")  # what hubert_base.pt is
+
+
+@dataclass
+class VoiceModel:
+    """A loaded RVC voice model: the synthesizer (fp32, eval mode) and facts about it."""
+
+    path: Path
+    net: Synthesizer
+    version: str  # "v1" (256-d content features) or "v2" (768-d)
+    sample_rate: int  # Hz of the synthesized audio
+    has_f0: bool  # pitch model (NSF decoder) or not
+    n_speakers: int
+    phone_dim: int
+    info: str
+    metadata: dict = field(default_factory=dict)  # JSON-serialisable facts for --info
+
+    @property
+    def hop(self) -> int:
+        """Output samples per 10 ms content frame."""
+        return self.net.hop
+
+
+def load_voice_model(path: Path) -> VoiceModel:
+    """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
+    path = Path(path)
+    ckpt = _read_voice_checkpoint(path)
+    weight = ckpt["weight"]
+    _refuse_foreign_decoder(ckpt, weight, path)
+    try:
+        cfg = SynthConfig.from_list(ckpt.get("config"))
+    except ValueError as exc:
+        raise ModelFileError(f"bad 'config' in voice model: {exc}", path) from exc
+
+    phone_dim = _matrix(weight, "enc_p.emb_phone.weight", path).shape[1]
+    if phone_dim not in PHONE_DIM_VERSIONS:
+        raise ModelFileError(f"unsupported content feature size {phone_dim} (enc_p.emb_phone.weight): "
+                             "expected 256 (v1) or 768 (v2)", path)
+    version = PHONE_DIM_VERSIONS[phone_dim]
+    has_f0 = "enc_p.emb_pitch.weight" in weight
+    n_speakers = _matrix(weight, "emb_g.weight", path).shape[0]  # config[15] is stale: upstream rule
+    _warn_on_disagreement(ckpt, version, has_f0, path)
+
+    try:
+        state = fold_weight_norm(weight)
+    except KeyError as exc:
+        raise ModelFileError(f"missing tensor {exc.args[0]!r} (other half of a weight-norm pair)", path) from exc
+    # Build the net uninitialised (meta tensors) and adopt the file's weights as fp32: for a
+    # full-size model that is one conversion pass instead of a random init plus a copy.
+    with torch.device("meta"):
+        net = Synthesizer(cfg, phone_dim, has_f0, n_speakers)
+    check_state_dict(net, state, path, ignore=[k for k in state if k.startswith("enc_q.")])
+    state = {key: state[key].float() for key in net.state_dict()}
+    for key, value in state.items():
+        if not _all_finite(value):
+            raise ModelFileError(f"tensor {key!r} has non-finite values (NaN or infinity)", path)
+    net.load_state_dict(state, assign=True)
+    net.eval()
+
+    info = ckpt.get("info")
+    info = "" if info is None else str(info)
+    metadata = {
+        "version": version, "sample_rate": cfg.sample_rate, "sr": _json_safe(ckpt.get("sr")),
+        "f0": has_f0, "speakers": n_speakers, "phone_dim": phone_dim, "hop": cfg.hop,
+        "upsample_rates": list(cfg.upsample_rates), "info": info,
+        "parameters": sum(p.numel() for p in net.parameters()), "tensors": len(weight),
+        "weights_dtype": ",".join(sorted({str(v.dtype).removeprefix("torch.") for v in weight.values()})),
+    }
+    metadata.update({key: _json_safe(ckpt[key]) for key in APPLIO_METADATA_KEYS if key in ckpt})
+    return VoiceModel(path, net, version, cfg.sample_rate, has_f0, n_speakers, phone_dim, info, metadata)
+
+
+def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
+    """The file's dict, once it is known to hold a voice model's `weight` dict of tensors."""
+    try:
+        ckpt = load_torch_file(path)
+    except ModelFileError as exc:
+        if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
+            raise ModelFileError("not a voice model: this is a fairseq checkpoint "
+                                 "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
+        raise
+    if not isinstance(ckpt, Mapping):
+        raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)
+    if "weight" not in ckpt:
+        model = ckpt.get("model")
+        keys = [str(k) for k in (model if isinstance(model, Mapping) else ckpt)]
+        if any(k.startswith("discriminators.") for k in keys):
+            raise ModelFileError("discriminator checkpoint (D_*.pth), not a voice model", path)
+        if any(k.startswith(("enc_p.", "flow.", "dec.")) for k in keys):
+            raise ModelFileError("this is a training checkpoint (G_*.pth), not a voice model; extract a "
+                                 "small model first (WebUI: ckpt processing -> extract)", path)
+        raise ModelFileError(f"not a voice model: it has no 'weight' state dict{_guess_contents(keys)}", path)
+    weight = ckpt["weight"]
+    if not isinstance(weight, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weight.items()):
+        raise ModelFileError("not a voice model: 'weight' is not a dict of named tensors", path)
+    return ckpt
+
+
+def _is_fairseq_checkpoint(path: Path) -> bool:
+    try:
+        return any(name.startswith("fairseq.") for name in _pickled_globals(path))
+    except ModelFileError:
+        return False
+
+
+def _guess_contents(keys: Sequence[str]) -> str:
+    """A hint at what a non-voice-model file is, from its (state-dict) keys."""
+    if any(k.startswith(("unet.", "cnn.", "fc.")) for k in keys):
+        return " (it looks like an RMVPE pitch model)"
+    if any("feature_extractor" in k or "encoder.layers." in k for k in keys):
+        return " (it looks like a HuBERT content encoder)"
+    shown = ", ".join(repr(k) for k in sorted(keys)[:5])
+    return f" (its keys: {shown}{', ...' if len(keys) > 5 else ''})" if keys else " (it is empty)"
+
+
+def _refuse_foreign_decoder(ckpt: Mapping[str, Any], weight: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Applio's MRF HiFi-GAN and RefineGAN decoders: by the `vocoder` key or by their tensors."""
+    vocoder = ckpt.get("vocoder")
+    if vocoder not in (None, SUPPORTED_VOCODER):
+        raise ModelFileError(f"unsupported vocoder {vocoder!r} (an Applio decoder); only RVC's "
+                             f"{SUPPORTED_VOCODER}/NSF decoder is implemented", path)
+    for name, prefixes in FOREIGN_DECODER_PREFIXES.items():
+        if any(key.startswith(prefixes) for key in weight):
+            raise ModelFileError(f"unsupported vocoder: its decoder tensors are those of Applio's {name}; "
+                                 f"only RVC's {SUPPORTED_VOCODER}/NSF decoder is implemented", path)
+    source = weight.get("dec.m_source.l_linear.weight")
+    if source is not None and source.shape[-1] != 1:
+        raise ModelFileError(f"unsupported vocoder: its sine source has {source.shape[-1]} harmonics "
+                             "(Applio's MRF HiFi-GAN?); only RVC's single-sine NSF decoder is implemented", path)
+
+
+def _matrix(weight: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    if key not in weight:
+        raise ModelFileError(f"missing tensor {key!r}", path)
+    if weight[key].dim() != 2:
+        raise ModelFileError(f"tensor {key!r} has shape {list(weight[key].shape)}, expected a matrix", path)
+    return weight[key]
+
+
+def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, path: Path) -> None:
+    """The weights decide; a contradicting `version`/`f0` key is worth a warning, and so is an
+    embedder other than ContentVec (the content encoder must match the one used in training)."""
+    declared = ckpt.get("version")
+    if declared is not None and declared != version:
+        warn(f"{path.name}: the file says version {declared!r}, but its weights take "
+             f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
+    f0 = ckpt.get("f0")
+    if f0 is not None and (f0 in (1, "1", "true", "True")) != has_f0:
+        warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
+             f"{'with' if has_f0 else 'without'} pitch; using them as such")
+    embedder = ckpt.get("embedder_model")
+    if embedder not in CONTENTVEC_EMBEDDERS:
+        warn(f"{path.name}: this model was trained with the {embedder!r} content encoder; "
+             "it needs that encoder's HuBERT weights, ContentVec (hubert_base.pt) will sound poor")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity. A finite sum proves it without a temporary the size of the tensor;
+    a non-finite sum is confirmed element-wise (it could also be an overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
 
 # -----------------------------------------------------------------------------
 # 5b. HuBERT (fairseq hubert_base.pt or a transformers folder)
@@ -595,7 +781,6 @@ class WN(nn.Module):
     def __init__(self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int):
         super().__init__()
         self.hidden = hidden
-        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
         self.in_layers = nn.ModuleList()
         self.res_skip_layers = nn.ModuleList()
         for i in range(n_layers):
@@ -604,6 +789,7 @@ class WN(nn.Module):
                                             padding=dilation * (kernel_size - 1) // 2))
             last = i == n_layers - 1  # the last layer has no residual output, only a skip
             self.res_skip_layers.append(nn.Conv1d(hidden, hidden if last else 2 * hidden, 1))
+        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # x (B, H, T), g (B, gin, 1)
         h = self.hidden
@@ -732,9 +918,15 @@ class Generator(nn.Module):
         rates, n_kernels = cfg.upsample_rates, len(cfg.resblock_kernel_sizes)
         channels = [cfg.upsample_initial_channel >> i for i in range(len(rates) + 1)]  # halved per stage
         self.hop, self.n_kernels = cfg.hop, n_kernels
+        # (registration order = the WebUI's, so state_dict() lists keys in the same order)
+        self.m_source = SourceModuleHnNSF(cfg.sample_rate) if nsf else None
+        self.noise_convs = nn.ModuleList() if nsf else None
+        for i in range(len(rates) if nsf else 0):
+            stride = math.prod(rates[i + 1:])  # excitation samples per sample of stage i
+            kernel, padding = noise_conv_geometry(stride)
+            self.noise_convs.append(nn.Conv1d(1, channels[i + 1], kernel, stride, padding=padding))
         self.conv_pre = nn.Conv1d(cfg.inter_channels, channels[0], DECODER_CONV_KERNEL,
                                   padding=DECODER_CONV_KERNEL // 2)
-        self.cond = nn.Conv1d(cfg.gin_channels, channels[0], 1)
         self.ups = nn.ModuleList()
         for i, (rate, kernel) in enumerate(zip(rates, cfg.upsample_kernel_sizes)):
             padding, output_padding = upsample_padding(rate, kernel)
@@ -745,12 +937,7 @@ class Generator(nn.Module):
             for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
         self.conv_post = nn.Conv1d(channels[-1], 1, DECODER_CONV_KERNEL, padding=DECODER_CONV_KERNEL // 2,
                                    bias=False)
-        self.m_source = SourceModuleHnNSF(cfg.sample_rate) if nsf else None
-        self.noise_convs = nn.ModuleList() if nsf else None
-        for i in range(len(rates) if nsf else 0):
-            stride = math.prod(rates[i + 1:])  # excitation samples per sample of stage i
-            kernel, padding = noise_conv_geometry(stride)
-            self.noise_convs.append(nn.Conv1d(1, channels[i + 1], kernel, stride, padding=padding))
+        self.cond = nn.Conv1d(cfg.gin_channels, channels[0], 1)
 
     def forward(self, z: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
