@@ -72,11 +72,49 @@ def _cli_args(fixtures: Path, case, models: Path) -> list:
     return args
 
 
-def _assert_output_matches(ours: np.ndarray, reference: np.ndarray, label: str) -> None:
+def _assert_output_matches(ours: np.ndarray, reference: np.ndarray, label: str,
+                           excused: np.ndarray | None = None) -> None:
+    """Within the fixtures' output tolerances; `excused` samples (around an allowed
+    coarse-pitch flip) are held to the SNR bound only."""
     assert len(ours) == len(reference), (label, len(ours), len(reference))
     ours, reference = ours.astype(np.float64) / 32768, reference.astype(np.float64) / 32768
-    assert np.abs(ours - reference).max() <= OUT_MAX_ABS, label
+    strict = np.ones(len(ours), bool) if excused is None else ~excused
+    assert strict.mean() > 0.9, label
+    assert np.abs(ours - reference)[strict].max() <= OUT_MAX_ABS, label
     assert snr_db(reference, ours) >= OUT_SNR_DB, label
+
+
+# A coarse pitch is a rounded mel value: where the reference's f0 sits on a rounding
+# boundary, f0 within tolerance (0.01 Hz) may round the other way (the fixtures README
+# allows ±1 there). The changed pitch embedding then changes the audio around that frame.
+ROUNDING_BOUNDARY = 0.005  # how close to .5 the unrounded coarse pitch must be to excuse a flip
+FLIP_REACH_FRAMES = 20  # output frames on each side of a flip that it may change
+
+
+def _unrounded_coarse(f0: np.ndarray) -> np.ndarray:
+    mel = 1127.0 * np.log(1.0 + f0 / 700.0)
+    return (mel - rvc.F0_MEL_MIN) * 254 / (rvc.F0_MEL_MAX - rvc.F0_MEL_MIN) + 1
+
+
+def _excused_samples(fixtures: Path, case, n_out: int) -> np.ndarray | None:
+    """Output samples near frames whose coarse pitch flipped at a rounding boundary."""
+    if not case["if_f0"]:
+        return None
+    p = case["params"]
+    x = np.pad(rvc.condition(_input_16k(fixtures, case)), (rvc.T_PAD, rvc.T_PAD), mode="reflect")
+    p_len = len(x) // rvc.HOP
+    rmvpe = _cached(case["rmvpe"], lambda: rvc.load_rmvpe(fixtures / case["rmvpe"]))
+    coarse, _ = rvc.estimate_f0(x, p_len, p["f0_method"], f0_up_key=p["f0_up_key"],
+                                filter_radius=p["filter_radius"], rmvpe=rmvpe)
+    reference_f0 = np.load(fixtures / case["files"]["f0_full"])[:p_len]
+    flipped = np.where(coarse != np.load(fixtures / case["files"]["f0_coarse_full"])[:p_len])[0]
+    at_boundary = np.abs(_unrounded_coarse(reference_f0[flipped]) % 1 - 0.5) < ROUNDING_BOUNDARY
+    assert at_boundary.all(), (case["id"], flipped[~at_boundary])
+    excused = np.zeros(n_out, bool)
+    per_frame = case["out_sr"] / 100
+    for frame in flipped - rvc.T_PAD // rvc.HOP:  # frames of the output's timeline
+        excused[max(0, int((frame - FLIP_REACH_FRAMES) * per_frame)): int((frame + FLIP_REACH_FRAMES) * per_frame)] = True
+    return excused
 
 
 # --- end to end, through the command line --------------------------------------------
@@ -93,7 +131,7 @@ def test_command_line_reproduces_the_reference_output(fixtures, case, tmp_path):
     reference, reference_sr = sf.read(fixtures / case["files"]["output_wav"], dtype="int16")
     ours, ours_sr = sf.read(out, dtype="int16")
     assert ours_sr == reference_sr == case["out_sr"]
-    _assert_output_matches(ours, reference, case["id"])
+    _assert_output_matches(ours, reference, case["id"], _excused_samples(fixtures, case, len(reference)))
     assert json.loads(result.stdout)["sample_rate"] == case["out_sr"]
 
 
@@ -122,12 +160,15 @@ def test_our_resampling_of_the_original_file_stays_close_to_the_reference(fixtur
 _LOADED: dict = {}
 
 
-def _converter(fixtures: Path, case) -> rvc.Converter:
-    def cached(key, load):
-        if key not in _LOADED:
-            _LOADED[key] = load()
-        return _LOADED[key]
+def _cached(key: str, load):
+    """Models shared by several cases are loaded once per test session."""
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
 
+
+def _converter(fixtures: Path, case) -> rvc.Converter:
+    cached = _cached
     voice = cached(case["model"], lambda: rvc.load_voice_model(fixtures / case["model"]))
     hubert = cached(case["hubert"], lambda: rvc.load_hubert(fixtures / case["hubert"]))
     rmvpe = cached(case["rmvpe"], lambda: rvc.load_rmvpe(fixtures / case["rmvpe"]))
@@ -176,7 +217,8 @@ def test_every_stage_matches_the_reference_dumps(fixtures, case):
         if "net_out" in ref:
             assert snr_db(np.load(fixtures / ref["net_out"]), ours["net_out"]) >= NET_OUT_SNR_DB, label
     assert rate == case["out_sr"]
-    _assert_output_matches(samples, sf.read(fixtures / case["files"]["output_wav"], dtype="int16")[0], case["id"])
+    reference = sf.read(fixtures / case["files"]["output_wav"], dtype="int16")[0]
+    _assert_output_matches(samples, reference, case["id"], _excused_samples(fixtures, case, len(reference)))
 
 
 def test_long_input_is_cut_where_the_reference_cuts_it(fixtures, manifest):
