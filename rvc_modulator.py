@@ -388,6 +388,12 @@ def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
         if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
             raise ModelFileError("not a voice model: this is a fairseq checkpoint "
                                  "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
+        # torch words a global from a blocked module (os.system is posix.system) differently
+        # ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
+        # and load_torch_file then reports a mere unreadable file: say what it is.
+        if "unsupported global" in str(exc.__cause__).lower():
+            raise ModelFileError("unsafe file: it references Python code or objects that are not weights; "
+                                 "refusing to load it", path) from exc
         raise
     if not isinstance(ckpt, Mapping):
         raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)
@@ -647,6 +653,16 @@ def noise_conv_geometry(stride: int) -> tuple[int, int]:
     return kernel, (kernel - stride) // 2
 
 
+def zero_embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table that starts at zero.
+
+    Weights always come from a file, so initial values are placeholders; zeros (unlike
+    nn.Embedding's random normal init) are also free to create on the meta device, where
+    the loader builds the net (a meta normal_() would import torch._dynamo: seconds).
+    """
+    return nn.Embedding.from_pretrained(torch.zeros(num, dim), freeze=False)
+
+
 # --- text encoder (§2.2) ------------------------------------------------------
 
 
@@ -699,9 +715,9 @@ class MultiHeadAttention(nn.Module):
         self.conv_k = nn.Conv1d(channels, channels, 1)
         self.conv_v = nn.Conv1d(channels, channels, 1)
         self.conv_o = nn.Conv1d(channels, channels, 1)
-        scale = self.head_dim ** -0.5
-        self.emb_rel_k = nn.Parameter(torch.randn(1, 2 * window + 1, self.head_dim) * scale)
-        self.emb_rel_v = nn.Parameter(torch.randn(1, 2 * window + 1, self.head_dim) * scale)
+        # (1, 2W+1, D) embeddings of the relative distances -W..W
+        self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
+        self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, H, T, D)
         b, _, t = x.shape
@@ -757,7 +773,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.hidden = cfg.hidden_channels
         self.emb_phone = nn.Linear(phone_dim, cfg.hidden_channels)
-        self.emb_pitch = nn.Embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
+        self.emb_pitch = zero_embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
         self.encoder = Encoder(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
                                cfg.kernel_size)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
@@ -973,7 +989,7 @@ class Synthesizer(nn.Module):
         self.enc_p = TextEncoder(cfg, phone_dim, has_f0)
         self.dec = Generator(cfg, nsf=has_f0)
         self.flow = ResidualCouplingBlock(cfg)
-        self.emb_g = nn.Embedding(n_speakers, cfg.gin_channels)
+        self.emb_g = zero_embedding(n_speakers, cfg.gin_channels)
 
     @property
     def hop(self) -> int:
