@@ -462,7 +462,7 @@ def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, p
         warn(f"{path.name}: the file says version {declared!r}, but its weights take "
              f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
     f0 = ckpt.get("f0")
-    if f0 is not None and (f0 in (1, "1", "true", "True")) != has_f0:
+    if f0 is not None and (str(f0).lower() in ("1", "true")) != has_f0:  # 1/0 (WebUI), True/False (Applio)
         warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
              f"{'with' if has_f0 else 'without'} pitch; using them as such")
     embedder = ckpt.get("embedder_model")
@@ -483,6 +483,7 @@ def _json_safe(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return str(value)
+
 
 # -----------------------------------------------------------------------------
 # 5b. HuBERT (fairseq hubert_base.pt or a transformers folder)
@@ -632,9 +633,10 @@ def _int_list(value: Any, name: str) -> tuple[int, ...]:
 def upsample_padding(rate: int, kernel: int) -> tuple[int, int]:
     """(padding, output_padding) of a decoder ConvTranspose1d stage.
 
-    Even rates use the WebUI rule (k - u) // 2. Odd rates use Applio's rule (padding
-    u // 2 + 1, output_padding 1), which upsamples exactly xu when k = 2u; the WebUI rule
-    would give one sample too many. SynthConfig refuses any stage that is not exactly xu.
+    Even rates use the WebUI rule (k - u) // 2. Odd rates use the rule of Applio's NSF
+    decoder (padding u // 2 + 1, output_padding 1), exact when k = 2u, where the WebUI rule
+    gives one sample too many (Applio's no-pitch decoder keeps that; we use the exact rule
+    for both). SynthConfig refuses any stage that is not exactly xu.
     """
     if rate % 2 == 0:
         return (kernel - rate) // 2, 0
@@ -1009,11 +1011,13 @@ class Synthesizer(nn.Module):
                 raise ValueError(f"a pitch model needs pitch and nsff0 of shape {frames}")
             if pitch.numel() and not 0 <= int(pitch.min()) <= int(pitch.max()) < F0_COARSE_BINS:
                 raise ValueError(f"coarse pitch must lie in 0..{F0_COARSE_BINS - 1}")
+        if sid.numel() != 1:
+            raise ValueError(f"sid must hold one speaker id, got shape {tuple(sid.shape)}")
         speaker = int(sid.reshape(-1)[0])
-        if sid.numel() != 1 or not 0 <= speaker < self.n_speakers:
+        if not 0 <= speaker < self.n_speakers:
             raise UsageError(f"speaker id {speaker} out of range: the model has speakers 0..{self.n_speakers - 1}")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
     def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
                      sid: torch.Tensor, *, noise: bool = True,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -1045,6 +1049,7 @@ class Synthesizer(nn.Module):
               sid: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
         return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, generator=generator)["out"]
+
 
 # -----------------------------------------------------------------------------
 # 6c. RMVPE pitch network (§4.5)
