@@ -927,6 +927,12 @@ def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
         if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
             raise ModelFileError("not a voice model: this is a fairseq checkpoint "
                                  "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
+        # torch words a global from a blocked module (os.system is posix.system) differently
+        # ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
+        # and load_torch_file then reports a mere unreadable file: say what it is.
+        if "unsupported global" in str(exc.__cause__).lower():
+            raise ModelFileError("unsafe file: it references Python code or objects that are not weights; "
+                                 "refusing to load it", path) from exc
         raise
     if not isinstance(ckpt, Mapping):
         raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)
@@ -995,7 +1001,7 @@ def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, p
         warn(f"{path.name}: the file says version {declared!r}, but its weights take "
              f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
     f0 = ckpt.get("f0")
-    if f0 is not None and (f0 in (1, "1", "true", "True")) != has_f0:
+    if f0 is not None and (str(f0).lower() in ("1", "true")) != has_f0:  # 1/0 (WebUI), True/False (Applio)
         warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
              f"{'with' if has_f0 else 'without'} pitch; using them as such")
     embedder = ckpt.get("embedder_model")
@@ -1016,6 +1022,7 @@ def _json_safe(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return str(value)
+
 
 # -----------------------------------------------------------------------------
 # 5b. HuBERT (fairseq hubert_base.pt or a transformers folder)
@@ -1745,9 +1752,10 @@ def _int_list(value: Any, name: str) -> tuple[int, ...]:
 def upsample_padding(rate: int, kernel: int) -> tuple[int, int]:
     """(padding, output_padding) of a decoder ConvTranspose1d stage.
 
-    Even rates use the WebUI rule (k - u) // 2. Odd rates use Applio's rule (padding
-    u // 2 + 1, output_padding 1), which upsamples exactly xu when k = 2u; the WebUI rule
-    would give one sample too many. SynthConfig refuses any stage that is not exactly xu.
+    Even rates use the WebUI rule (k - u) // 2. Odd rates use the rule of Applio's NSF
+    decoder (padding u // 2 + 1, output_padding 1), exact when k = 2u, where the WebUI rule
+    gives one sample too many (Applio's no-pitch decoder keeps that; we use the exact rule
+    for both). SynthConfig refuses any stage that is not exactly xu.
     """
     if rate % 2 == 0:
         return (kernel - rate) // 2, 0
@@ -1764,6 +1772,16 @@ def noise_conv_geometry(stride: int) -> tuple[int, int]:
         return 1, 0
     kernel = 2 * stride - stride % 2
     return kernel, (kernel - stride) // 2
+
+
+def zero_embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table that starts at zero.
+
+    Weights always come from a file, so initial values are placeholders; zeros (unlike
+    nn.Embedding's random normal init) are also free to create on the meta device, where
+    the loader builds the net (a meta normal_() would import torch._dynamo: seconds).
+    """
+    return nn.Embedding.from_pretrained(torch.zeros(num, dim), freeze=False)
 
 
 # --- text encoder (§2.2) ------------------------------------------------------
@@ -1818,9 +1836,9 @@ class MultiHeadAttention(nn.Module):
         self.conv_k = nn.Conv1d(channels, channels, 1)
         self.conv_v = nn.Conv1d(channels, channels, 1)
         self.conv_o = nn.Conv1d(channels, channels, 1)
-        scale = self.head_dim ** -0.5
-        self.emb_rel_k = nn.Parameter(torch.randn(1, 2 * window + 1, self.head_dim) * scale)
-        self.emb_rel_v = nn.Parameter(torch.randn(1, 2 * window + 1, self.head_dim) * scale)
+        # (1, 2W+1, D) embeddings of the relative distances -W..W
+        self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
+        self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, H, T, D)
         b, _, t = x.shape
@@ -1876,7 +1894,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.hidden = cfg.hidden_channels
         self.emb_phone = nn.Linear(phone_dim, cfg.hidden_channels)
-        self.emb_pitch = nn.Embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
+        self.emb_pitch = zero_embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
         self.encoder = Encoder(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
                                cfg.kernel_size)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
@@ -2092,7 +2110,7 @@ class Synthesizer(nn.Module):
         self.enc_p = TextEncoder(cfg, phone_dim, has_f0)
         self.dec = Generator(cfg, nsf=has_f0)
         self.flow = ResidualCouplingBlock(cfg)
-        self.emb_g = nn.Embedding(n_speakers, cfg.gin_channels)
+        self.emb_g = zero_embedding(n_speakers, cfg.gin_channels)
 
     @property
     def hop(self) -> int:
@@ -2112,11 +2130,13 @@ class Synthesizer(nn.Module):
                 raise ValueError(f"a pitch model needs pitch and nsff0 of shape {frames}")
             if pitch.numel() and not 0 <= int(pitch.min()) <= int(pitch.max()) < F0_COARSE_BINS:
                 raise ValueError(f"coarse pitch must lie in 0..{F0_COARSE_BINS - 1}")
+        if sid.numel() != 1:
+            raise ValueError(f"sid must hold one speaker id, got shape {tuple(sid.shape)}")
         speaker = int(sid.reshape(-1)[0])
-        if sid.numel() != 1 or not 0 <= speaker < self.n_speakers:
+        if not 0 <= speaker < self.n_speakers:
             raise UsageError(f"speaker id {speaker} out of range: the model has speakers 0..{self.n_speakers - 1}")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
     def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
                      sid: torch.Tensor, *, noise: bool = True,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -2148,6 +2168,7 @@ class Synthesizer(nn.Module):
               sid: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
         return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, generator=generator)["out"]
+
 
 # -----------------------------------------------------------------------------
 # 6c. RMVPE pitch network (§4.5)

@@ -75,6 +75,11 @@ def make_voice_model(version: str = "v2", sample_rate: int = 40000, f0: bool = T
         torch.manual_seed(seed)
         net = rvc.Synthesizer(rvc.SynthConfig.from_list(config), PHONE_DIMS[version], f0, n_speakers)
         with torch.no_grad():
+            for name, p in net.named_parameters():  # the net starts its embeddings at zero:
+                if name.endswith(("emb_g.weight", "emb_pitch.weight")):  # the WebUI's random init
+                    p.normal_(0, 1)
+                elif ".emb_rel_" in name:
+                    p.normal_(0, p.shape[-1] ** -0.5)
             for p in net.parameters():  # every layer active: no zero or constant tensors left
                 std = p.std().item() if p.numel() > 1 else 0.0
                 p.add_(torch.randn_like(p) * (0.1 * std if std > 0 else 0.05))
@@ -118,17 +123,21 @@ def make_voice_model(version: str = "v2", sample_rate: int = 40000, f0: bool = T
 
 
 def _set_output_level(net, seed: int, level: float = 0.3) -> None:
-    """Scale conv_post so the pre-tanh output has std `level` on a probe: neither silent nor saturated."""
-    probe = synth_inputs(net.phone_dim, frames=20, seed=seed)
-    outputs = []
-    hook = net.dec.conv_post.register_forward_hook(lambda module, args, out: outputs.append(out))
+    """Re-aim conv_post (no bias) so that, on a probe, the pre-tanh output has no DC offset and
+    std `level`: the audio is neither silent nor saturated (as the fixtures' models)."""
+    probe = synth_inputs(net.phone_dim, frames=8, seed=seed)
+    inputs = []
+    hook = net.dec.conv_post.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
     try:
         net.infer(probe["phone"], probe["pitch"] if net.has_f0 else None,
                   probe["nsff0"] if net.has_f0 else None, probe["sid"], noise=False)
     finally:
         hook.remove()
+    conv, x = net.dec.conv_post, inputs[0]  # x: (1, C, L)
     with torch.no_grad():
-        net.dec.conv_post.weight.mul_(level / outputs[0].std().item())
+        dc = x.mean(dim=2, keepdim=True).expand_as(conv.weight)  # (1, C, K): the input's channel means
+        conv.weight.sub_((conv.weight * dc).sum() / (dc * dc).sum() * dc)  # output mean ~ 0
+        conv.weight.mul_(level / conv(x).std().item())
 
 
 def make_voice_model_file(path: str | Path, **kwargs) -> Path:
