@@ -927,12 +927,6 @@ def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
         if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
             raise ModelFileError("not a voice model: this is a fairseq checkpoint "
                                  "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
-        # torch words a global from a blocked module (os.system is posix.system) differently
-        # ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
-        # and load_torch_file then reports a mere unreadable file: say what it is.
-        if "unsupported global" in str(exc.__cause__).lower():
-            raise ModelFileError("unsafe file: it references Python code or objects that are not weights; "
-                                 "refusing to load it", path) from exc
         raise
     if not isinstance(ckpt, Mapping):
         raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)

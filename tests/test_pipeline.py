@@ -61,12 +61,13 @@ def _models_dir(fixtures: Path, case, tmp_path: Path) -> Path:
 
 def _cli_args(fixtures: Path, case, models: Path) -> list:
     p = case["params"]
-    args = ["--models_dir", models, "--hubert", fixtures / case["hubert"], "--rmvpe", fixtures / case["rmvpe"],
-            "--no_noise", "--device", "cpu", "--f0_up_key", p["f0_up_key"], "--filter_radius", p["filter_radius"],
+    args = ["--models_dir", models, "--hubert", fixtures / case["hubert"], "--no_noise", "--device", "cpu", "--f0_up_key", p["f0_up_key"], "--filter_radius", p["filter_radius"],
             "--rms_mix_rate", p["rms_mix_rate"], "--protect", p["protect"], "--resample_sr", p["resample_sr"],
             "--speaker_id", p["sid"], "--json"]
     if case["if_f0"]:
         args += ["--f0_method", p["f0_method"]]
+    if case["rmvpe"]:
+        args += ["--rmvpe", fixtures / case["rmvpe"]]
     if case["index"]:
         args += ["--index_name", Path(case["index"]).stem, "--index_rate", p["index_rate"]]
     return args
@@ -103,7 +104,7 @@ def _excused_samples(fixtures: Path, case, n_out: int) -> np.ndarray | None:
     p = case["params"]
     x = np.pad(rvc.condition(_input_16k(fixtures, case)), (rvc.T_PAD, rvc.T_PAD), mode="reflect")
     p_len = len(x) // rvc.HOP
-    rmvpe = _cached(case["rmvpe"], lambda: rvc.load_rmvpe(fixtures / case["rmvpe"]))
+    rmvpe = _rmvpe(fixtures, case)
     coarse, _ = rvc.estimate_f0(x, p_len, p["f0_method"], f0_up_key=p["f0_up_key"],
                                 filter_radius=p["filter_radius"], rmvpe=rmvpe)
     reference_f0 = np.load(fixtures / case["files"]["f0_full"])[:p_len]
@@ -167,11 +168,17 @@ def _cached(key: str, load):
     return _LOADED[key]
 
 
+def _rmvpe(fixtures: Path, case) -> rvc.RMVPE | None:
+    if not (case["if_f0"] and case["params"]["f0_method"] == "rmvpe"):
+        return None
+    return _cached(case["rmvpe"], lambda: rvc.load_rmvpe(fixtures / case["rmvpe"]))
+
+
 def _converter(fixtures: Path, case) -> rvc.Converter:
     cached = _cached
     voice = cached(case["model"], lambda: rvc.load_voice_model(fixtures / case["model"]))
     hubert = cached(case["hubert"], lambda: rvc.load_hubert(fixtures / case["hubert"]))
-    rmvpe = cached(case["rmvpe"], lambda: rvc.load_rmvpe(fixtures / case["rmvpe"]))
+    rmvpe = _rmvpe(fixtures, case)
     index = None
     if case["index"] and case["params"]["index_rate"] != 0:
         index = cached(case["index"], lambda: rvc.load_index(fixtures / case["index"], voice.phone_dim))
