@@ -547,6 +547,7 @@ OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg"
 INPUT_PEAK = 0.95  # §5.1: louder inputs are attenuated to this peak (never amplified)
 OUTPUT_PEAK = 0.99  # §5.8: louder outputs are normalised to this peak before int16
 INT16_SCALE = 32768.0
+STEREO_TO_MONO_GAIN = 1 / math.sqrt(2)  # ffmpeg's stereo-to-mono downmix, which the WebUI uses
 
 
 @dataclass
@@ -596,10 +597,21 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return librosa.resample(audio, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
 
 
+def downmix(data: np.ndarray) -> np.ndarray:
+    """(frames, channels) to mono as the WebUI's decoder (ffmpeg `-ac 1`) does: stereo
+    is (L + R) / sqrt(2), each side at -3 dB; other layouts are averaged."""
+    channels = data.shape[1]
+    if channels == 1:
+        return data[:, 0]
+    if channels == 2:
+        return ((data[:, 0] + data[:, 1]) * STEREO_TO_MONO_GAIN).astype(np.float32)
+    return data.mean(axis=1, dtype=np.float32)
+
+
 def read_input_audio(path: Path) -> InputAudio:
     """Read an input file as the pipeline wants it: mono float32 at 16 kHz.
 
-    Channels are averaged (like ffmpeg's `-ac 1` for stereo), other rates resampled.
+    Channels are mixed down as the WebUI's ffmpeg does, other rates resampled.
     Empty, non-finite or undecodable input is an InputAudioError.
     """
     path = Path(path)
@@ -613,7 +625,7 @@ def read_input_audio(path: Path) -> InputAudio:
         raise InputAudioError("input has no audio samples", path)
     if not np.isfinite(data).all():
         raise InputAudioError("input contains NaN or infinite samples", path)
-    mono = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    mono = downmix(data)
     if channels > 1:
         warn(f"mixed {channels} channels down to mono")
     if rate != SAMPLE_RATE:

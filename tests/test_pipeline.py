@@ -138,22 +138,23 @@ def test_command_line_reproduces_the_reference_output(fixtures, case, tmp_path):
 
 @pytest.mark.parametrize("case", ["c07_v2_40k_stereo_idx05_rms025", "c08_v2_40k_48kin_harvest_rs44k"], indirect=True)
 def test_our_resampling_of_the_original_file_stays_close_to_the_reference(fixtures, case, tmp_path):
-    """The reference resampled 44.1/48 kHz files with ffmpeg; we use soxr. The 16 kHz
-    signals agree closely, and the converted output stays recognisably the same."""
+    """The reference decoded 44.1/48 kHz files with ffmpeg (downmix and resampler); we
+    mix down the same way and resample with soxr. The 16 kHz signals agree closely
+    (measured: 39.6 dB for the stereo file, 42.7 dB for the 48 kHz one), and the
+    converted output stays recognisably the same."""
     ours_16k = rvc.read_input_audio(fixtures / case["input"]).samples
     reference_16k = np.load(fixtures / case["files"]["input_16k"])
     n = min(len(ours_16k), len(reference_16k))
     assert abs(len(ours_16k) - len(reference_16k)) <= 1
-    assert snr_db(reference_16k[:n], ours_16k[:n]) >= 25
+    assert snr_db(reference_16k[:n], ours_16k[:n]) >= 35
     out = tmp_path / "out.wav"
     models = _models_dir(fixtures, case, tmp_path)
     result = run_cli(fixtures / case["input"], out, Path(case["model"]).stem, *_cli_args(fixtures, case, models))
     assert result.returncode == 0, result.stderr
     reference = sf.read(fixtures / case["files"]["output_wav"])[0]
     ours = sf.read(out)[0]
-    assert abs(len(ours) - len(reference)) <= case["out_sr"] // 100
-    n = min(len(ours), len(reference))
-    assert np.corrcoef(ours[:n], reference[:n])[0, 1] > 0.5
+    assert len(ours) == len(reference)
+    assert np.corrcoef(ours, reference)[0, 1] > 0.95  # measured: 0.98 (c07, rmvpe), 0.99999 (c08, harvest)
 
 
 # --- stage by stage --------------------------------------------------------------------
