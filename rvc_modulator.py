@@ -547,6 +547,8 @@ OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg"
 INPUT_PEAK = 0.95  # §5.1: louder inputs are attenuated to this peak (never amplified)
 OUTPUT_PEAK = 0.99  # §5.8: louder outputs are normalised to this peak before int16
 INT16_SCALE = 32768.0
+CLIP_LEVEL = 32767 / 32768  # |sample| at full scale (the int16 maximum) or beyond
+CLIPPED_SAMPLES_TO_WARN = 3  # a lone full-scale peak is legitimate; several suggest clipping
 STEREO_TO_MONO_GAIN = 1 / math.sqrt(2)  # ffmpeg's stereo-to-mono downmix, which the WebUI uses
 
 
@@ -625,6 +627,9 @@ def read_input_audio(path: Path) -> InputAudio:
         raise InputAudioError("input has no audio samples", path)
     if not np.isfinite(data).all():
         raise InputAudioError("input contains NaN or infinite samples", path)
+    clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
+    if clipped >= CLIPPED_SAMPLES_TO_WARN:
+        warn(f"the input is clipped: {clipped} samples at or beyond full scale")
     mono = downmix(data)
     if channels > 1:
         warn(f"mixed {channels} channels down to mono")

@@ -86,17 +86,23 @@ def speech(tmp_path_factory) -> Path:
 
 
 def convert(models: Path, source: Path, output: Path, *extra, model: str = "voice", **kwargs):
-    return run_cli(source, output, model, "--models_dir", models, "--no_noise", *extra, **kwargs)
+    """A conversion as the service runs it (with --json, so every failure also checks it)."""
+    return run_cli(source, output, model, "--models_dir", models, "--no_noise", "--json", *extra, **kwargs)
 
 
 def assert_clean_failure(result, code: int, output: Path, *, mentions: str = "") -> None:
-    """One line on stderr `error: ...`, the documented exit code, no traceback, and
-    nothing left where the output would go (not even a temporary file)."""
+    """One line on stderr `error: ...`, the documented exit code, no traceback, one JSON
+    object on stdout saying the same, and nothing left where the output would go (not even
+    a temporary file)."""
     assert result.returncode == code, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert mentions.lower() in errors[0].lower(), errors[0]
+    if "--json" in result.args:
+        report = json.loads(result.stdout)
+        assert report["ok"] is False and report["exit_code"] == code
+        assert f"error: {report['message']}" == errors[0]
     if output.parent.is_dir():
         assert not output.exists() or output.is_dir()
         leftovers = [p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
@@ -121,7 +127,7 @@ def test_version_and_help_exit_zero():
 
 def test_converts_to_a_mono_16_bit_wav_at_the_model_rate(models, speech, tmp_path):
     out = tmp_path / "out.wav"
-    result = convert(models, speech, out)
+    result = run_cli(speech, out, "voice", "--models_dir", models)
     assert result.returncode == 0, result.stderr
     info = sf.info(out)
     assert (info.samplerate, info.channels, info.subtype) == (40000, 1, "PCM_16")
@@ -133,7 +139,7 @@ def test_converts_to_a_mono_16_bit_wav_at_the_model_rate(models, speech, tmp_pat
 
 def test_json_success_report_is_one_object_with_the_run_facts(models, speech, tmp_path):
     out = tmp_path / "out.flac"
-    result = convert(models, speech, out, "--json", "--index_name", "voice", "--f0_method", "harvest",
+    result = convert(models, speech, out, "--index_name", "voice", "--f0_method", "harvest",
                      "--resample_sr", "22050")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -149,8 +155,8 @@ def test_json_success_report_is_one_object_with_the_run_facts(models, speech, tm
 
 
 def test_default_f0_method_is_rmvpe_when_its_weights_are_there_else_harvest(models, speech, tmp_path):
-    with_rmvpe = json.loads(convert(models, speech, tmp_path / "a.wav", "--json").stdout)
-    without = json.loads(convert(models, speech, tmp_path / "b.wav", "--json", "--rmvpe", tmp_path / "none.pt").stdout)
+    with_rmvpe = json.loads(convert(models, speech, tmp_path / "a.wav").stdout)
+    without = json.loads(convert(models, speech, tmp_path / "b.wav", "--rmvpe", tmp_path / "none.pt").stdout)
     assert (with_rmvpe["f0_method"], without["f0_method"]) == ("rmvpe", "harvest")
 
 
@@ -177,7 +183,7 @@ def test_model_name_may_carry_its_extension(models, speech, tmp_path):
 
 
 def test_index_rate_without_an_index_is_a_warning_not_an_error(models, speech, tmp_path):
-    result = convert(models, speech, tmp_path / "o.wav", "--index_rate", "0.9", "--json")
+    result = convert(models, speech, tmp_path / "o.wav", "--index_rate", "0.9")
     assert result.returncode == 0
     assert "no effect without --index_name" in result.stderr
     assert any("--index_name" in w for w in json.loads(result.stdout)["warnings"])
@@ -206,6 +212,15 @@ def test_any_rate_and_channel_count_converts(models, tmp_path, rate, channels):
     assert f"from {rate} Hz" in result.stderr
 
 
+def test_a_clipped_input_converts_with_a_warning(models, tmp_path):
+    source = tmp_path / "loud.wav"
+    sf.write(source, np.clip(speech_like(1.0) * 4, -1, 1), SR, subtype="PCM_16")
+    result = convert(models, source, tmp_path / "out.wav")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "clipped" in line][0].startswith("warning: the input is clipped")
+    assert any("clipped" in w for w in json.loads(result.stdout)["warnings"])
+
+
 def test_pure_silence_gives_a_silent_output_of_the_same_length(models, tmp_path):
     source = tmp_path / "silence.wav"
     sf.write(source, np.zeros(SR), SR, subtype="PCM_16")
@@ -221,7 +236,7 @@ def test_a_single_sample_gives_a_valid_empty_wav(models, tmp_path):
     source = tmp_path / "one.wav"
     sf.write(source, np.array([0.25]), SR, subtype="PCM_16")
     out = tmp_path / "out.wav"
-    result = convert(models, source, out, "--json")
+    result = convert(models, source, out)
     assert result.returncode == 0, result.stderr
     assert sf.info(out).frames == 0 and sf.info(out).samplerate == 40000
     assert json.loads(result.stdout)["output_duration"] == 0
@@ -239,7 +254,7 @@ def test_non_ascii_paths_with_spaces(models, speech, tmp_path):
 
 def test_a_model_without_pitch_ignores_the_f0_options(models, speech, tmp_path):
     out = tmp_path / "o.wav"
-    result = convert(models, speech, out, "--json", "--f0_up_key", "5", model="voice_nof0")
+    result = convert(models, speech, out, "--f0_up_key", "5", model="voice_nof0")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["f0_method"] is None and report["sample_rate"] == 32000
@@ -412,7 +427,7 @@ def test_json_failure_report_parses_and_names_the_error(models, speech, tmp_path
 
 def test_check_validates_without_converting(models, speech, tmp_path):
     out = tmp_path / "out.wav"
-    result = convert(models, speech, out, "--check", "--json", "--index_name", "voice")
+    result = convert(models, speech, out, "--check", "--index_name", "voice")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ok"] is True
     assert not out.exists()
