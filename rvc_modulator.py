@@ -812,33 +812,41 @@ def fold_weight_norm(state: Mapping[str, torch.Tensor], dim: int = 0) -> dict[st
 
 
 def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
-                     ignore: Iterable[str] = ()) -> None:
+                     ignore: Iterable[str] = (), spell: Callable[[str], str] = str) -> None:
     """Every key the module needs is present with its exact shape, and nothing else is.
 
-    Raises ModelFileError naming the first offending key. `ignore`: keys of the file that
-    inference does not use (they may be present or not).
+    Raises ModelFileError naming the first offending key, as `spell` writes it (the file's
+    own naming where the loader renamed keys). `ignore`: keys of the file that inference
+    does not use (they may be present or not).
     """
     ignore = set(ignore)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     for key, shape in expected.items():
         if key not in state:
-            raise ModelFileError(f"missing tensor {key!r}", path)
+            raise ModelFileError(f"missing tensor {spell(key)!r}", path)
         if not isinstance(state[key], torch.Tensor):
-            raise ModelFileError(f"{key!r} is not a tensor", path)
+            raise ModelFileError(f"{spell(key)!r} is not a tensor", path)
         if tuple(state[key].shape) != shape:
-            raise ModelFileError(f"tensor {key!r} has shape {list(state[key].shape)}, expected {list(shape)}", path)
+            raise ModelFileError(f"tensor {spell(key)!r} has shape {list(state[key].shape)}, "
+                                 f"expected {list(shape)}", path)
     extra = sorted(k for k in state if k not in expected and k not in ignore)
     if extra:
-        raise ModelFileError(f"unexpected tensor {extra[0]!r}", path)
+        raise ModelFileError(f"unexpected tensor {spell(extra[0])!r}", path)
 
 
-def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
-                 ignore: Iterable[str] = ()) -> nn.Module:
-    """check_state_dict, then copy the weights in as fp32 and switch to eval mode."""
-    check_state_dict(module, state, path, ignore)
-    own = set(module.state_dict())
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v
-                            for k, v in state.items() if k in own}, strict=True)
+def load_checked(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], path: Path,
+                 ignore: Iterable[str] = (), spell: Callable[[str], str] = str) -> nn.Module:
+    """Build a network, check the file's tensors against it, and adopt them as fp32 (eval mode).
+
+    The network is built on the meta device (no storage, no random initialisation: for a
+    full-size model that saves about a second, and every tensor is replaced anyway); the
+    file's tensors are then assigned to it, cast to fp32 (a no-op for fp32 files).
+    """
+    with torch.device("meta"):
+        module = build()
+    check_state_dict(module, state, path, ignore, spell)
+    module.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k]
+                            for k in module.state_dict()}, assign=True)
     return module.eval()
 
 
@@ -911,17 +919,11 @@ def load_voice_model(path: Path) -> VoiceModel:
         state = fold_weight_norm(weight)
     except KeyError as exc:
         raise ModelFileError(f"missing tensor {exc.args[0]!r} (other half of a weight-norm pair)", path) from exc
-    # Build the net uninitialised (meta tensors) and adopt the file's weights as fp32: for a
-    # full-size model that is one conversion pass instead of a random init plus a copy.
-    with torch.device("meta"):
-        net = Synthesizer(cfg, phone_dim, has_f0, n_speakers)
-    check_state_dict(net, state, path, ignore=[k for k in state if k.startswith("enc_q.")])
-    state = {key: state[key].float() for key in net.state_dict()}
-    for key, value in state.items():
+    net = load_checked(lambda: Synthesizer(cfg, phone_dim, has_f0, n_speakers), state, path,
+                       ignore=[k for k in state if k.startswith("enc_q.")])
+    for key, value in net.state_dict().items():
         if not _all_finite(value):
             raise ModelFileError(f"tensor {key!r} has non-finite values (NaN or infinity)", path)
-    net.load_state_dict(state, assign=True)
-    net.eval()
 
     info = ckpt.get("info")
     info = "" if info is None else str(info)
@@ -1110,18 +1112,8 @@ def load_hubert(path: Path) -> HubertEncoder:
         return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
 
     state = _fold_pos_conv(state, config, weights_path, file_name)
-    # Built without storage and then handed the file's tensors: random initialisation of
-    # hubert_base would cost about a second, and every tensor is replaced anyway.
-    with torch.device("meta"):
-        model = HubertEncoder(config)
-    try:
-        check_state_dict(model, state, weights_path, ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)])
-    except ModelFileError as exc:  # check_state_dict quotes our key names; quote the file's
-        message = re.sub(r"'([^']+)'", lambda m: repr(file_name(m[1])), exc.message)
-        raise ModelFileError(message, weights_path) from None
-    own = model.state_dict()
-    model.load_state_dict({k: v.float() for k, v in state.items() if k in own}, strict=True, assign=True)
-    return model.eval()
+    return load_checked(lambda: HubertEncoder(config), state, weights_path,
+                        ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], spell=file_name)
 
 
 def _rename_prefix(key: str, names: Sequence[tuple[str, str]], to_ours: bool) -> str:
@@ -1416,10 +1408,11 @@ def load_rmvpe(path: Path) -> RMVPE:
     state = load_torch_file(path)
     if not isinstance(state, Mapping):
         raise ModelFileError(f"not an RMVPE model: the file holds a {type(state).__name__}, not a state dict", path)
-    model = RMVPE(rmvpe_config_from_state(state, path))
+    cfg = rmvpe_config_from_state(state, path)
     # BatchNorm batch counters are training bookkeeping that some files omit.
-    counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
-    return load_checked(model, {**counters, **state}, path)
+    counters = {k.removesuffix("running_mean") + "num_batches_tracked": torch.zeros((), dtype=torch.long)
+                for k in state if k.endswith(".running_mean")}
+    return load_checked(lambda: RMVPE(cfg), {**counters, **state}, path)
 
 
 # =============================================================================

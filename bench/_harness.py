@@ -39,13 +39,16 @@ def _reported_peak_mb(stderr: str) -> float:
     return float("nan")
 
 
+# The child reports its own peak from /proc (VmHWM): getrusage's ru_maxrss would carry over
+# the high-water mark of the forked parent across exec, and this parent holds big models.
 PEAK_WRAPPER = (
-    "import resource, runpy, sys;"
+    "import re, runpy, sys;"
     "sys.argv = sys.argv[1:];"
     "code = 0\n"
     "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
     "except SystemExit as e:\n    code = e.code if isinstance(e.code, int) else 0\n"
-    "print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+    "print(f'PEAK_RSS_KB={hwm}', file=sys.stderr)\n"
     "sys.exit(code)"
 )
 
