@@ -261,3 +261,13 @@ def test_cut_falls_at_the_quietest_point_near_each_nominal_cut():
     quiet = rvc.T_CENTER + 3 * rvc.SAMPLE_RATE
     audio[quiet - 800: quiet + 800] = 0
     assert rvc.split_points(audio) == [pytest.approx(quiet - 800 + rvc.HOP // 2, abs=rvc.HOP)]
+
+
+@pytest.mark.parametrize("n,sr", [(48000, 16000), (119200, 40000), (48017, 16000), (7, 16000)])
+def test_frame_rms_equals_librosa(n, sr):
+    librosa = pytest.importorskip("librosa")
+    y = np.random.default_rng(n).standard_normal(n) * 0.3
+    expected = librosa.feature.rms(y=y, frame_length=sr // 2 * 2, hop_length=sr // 2)[0]
+    ours = rvc.frame_rms(y, sr // 2 * 2, sr // 2)
+    assert ours.shape == expected.shape and ours.dtype == expected.dtype
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
