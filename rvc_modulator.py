@@ -2492,6 +2492,8 @@ PM_VOICING_THRESHOLD = 0.6  # Praat's autocorrelation voicing threshold used by 
 CREPE_PERIODICITY_THRESHOLD = 0.1  # crepe frames less periodic than this are unvoiced
 CREPE_BATCH = 512
 HARVEST_MEDIAN = 3  # harvest's median filter kernel; filter_radius > 2 only switches it on
+F0_BLOCK_FRAMES = 6000  # WORLD estimators run on 60 s blocks of long inputs (see in_blocks)
+F0_BLOCK_CONTEXT = 300  # frames (3 s) of signal on each side of a block, discarded after
 
 
 def _import_optional(method: str) -> Any:
@@ -2527,14 +2529,49 @@ def _import_torchcrepe() -> Any:
     return importlib.import_module("torchcrepe")
 
 
+def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+              block_frames: int = F0_BLOCK_FRAMES, context_frames: int = F0_BLOCK_CONTEXT) -> np.ndarray:
+    """Run a 10 ms-frame F0 estimator over a long signal block by block.
+
+    WORLD's estimators work on the whole signal at once, with memory that grows faster
+    than its length (harvest: ~0.1 GB for 30 s, ~0.9 GB for 120 s), so an hour would not fit.
+    Each block is estimated with `context_frames` of signal on both sides, which are then
+    dropped; frame k of a block starting at frame `lo` is frame lo + k of the whole.
+    Signals up to one block (plus context) run in one piece, exactly as the reference.
+    """
+    n_frames = len(x) // HOP + 1
+    if n_frames <= block_frames + 2 * context_frames:
+        return estimate(x)
+    parts = []
+    for start in range(0, n_frames, block_frames):
+        lo, hi = max(0, start - context_frames), min(n_frames, start + block_frames + context_frames)
+        f0 = estimate(x[lo * HOP: hi * HOP])
+        parts.append(f0[start - lo: start - lo + min(block_frames, n_frames - start)])
+    return np.concatenate(parts)
+
+
+def _import_pyworld() -> Any:
+    import warnings
+
+    with warnings.catch_warnings():  # pyworld 0.3.5 imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        import pyworld
+    return pyworld
+
+
 def f0_harvest(x: np.ndarray, filter_radius: int) -> np.ndarray:
     """WORLD harvest + stonemask refinement (§4.3); median-filtered when filter_radius > 2."""
-    import pyworld
     from scipy.signal import medfilt
 
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    f0, t = pyworld.harvest(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
-    f0 = pyworld.stonemask(x, f0, t, SAMPLE_RATE)
+    pyworld = _import_pyworld()
+
+    def harvest(block: np.ndarray) -> np.ndarray:
+        block = np.ascontiguousarray(block, dtype=np.float64)
+        f0, t = pyworld.harvest(block, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN,
+                                frame_period=FRAME_PERIOD_MS)
+        return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
+
+    f0 = in_blocks(harvest, x)
     if filter_radius > 2:
         f0 = medfilt(f0, HARVEST_MEDIAN)
     return f0
@@ -2542,11 +2579,14 @@ def f0_harvest(x: np.ndarray, filter_radius: int) -> np.ndarray:
 
 def f0_dio(x: np.ndarray) -> np.ndarray:
     """WORLD dio + stonemask (the classic WebUI's fast estimator, used in training)."""
-    import pyworld
+    pyworld = _import_pyworld()
 
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    f0, t = pyworld.dio(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
-    return pyworld.stonemask(x, f0, t, SAMPLE_RATE)
+    def dio(block: np.ndarray) -> np.ndarray:
+        block = np.ascontiguousarray(block, dtype=np.float64)
+        f0, t = pyworld.dio(block, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
+        return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
+
+    return in_blocks(dio, x)
 
 
 def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
