@@ -80,7 +80,6 @@ VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
 HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_INDEX_RATE = 0.75
 PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a terminal
 
 # Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
@@ -127,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
                             "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
 
+    defaults = ConversionParams()  # the WebUI's defaults, stated once (section 9)
+
     def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
@@ -139,22 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
                                           f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
     option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
-    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=0, metavar="N",
-           help="transpose by N semitones (default 0)")
+    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
+           help="transpose by N semitones (default %(default)s)")
     option("f0_method", choices=F0_METHODS, default=None,
            help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest)")
     option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
-           help=f"share of retrieved features, 0..1 (default {DEFAULT_INDEX_RATE}; needs --index_name)")
-    option("filter_radius", type=_ranged("filter_radius"), default=3, metavar="N",
-           help="harvest: median-filter the pitch when >= 3 (default 3)")
-    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=0.25, metavar="R",
-           help="0: output loudness follows the input, 1: the model's own (default 0.25)")
-    option("protect", type=_ranged("protect"), default=0.33, metavar="P",
-           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default 0.33)")
-    option("resample_sr", type=_ranged("resample_sr"), default=0, metavar="HZ",
-           help="output sample rate; 0 keeps the model's (default 0)")
-    option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=0, metavar="N",
-           help="speaker of a multi-speaker model (default 0)")
+           help=f"share of retrieved features, 0..1 (default {defaults.index_rate}; needs --index_name)")
+    option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
+           help="harvest: median-filter the pitch when >= 3 (default %(default)s)")
+    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=defaults.rms_mix_rate, metavar="R",
+           help="0: output loudness follows the input, 1: the model's own (default %(default)s)")
+    option("protect", type=_ranged("protect"), default=defaults.protect, metavar="P",
+           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default %(default)s)")
+    option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
+           help="output sample rate; 0 keeps the model's (default %(default)s)")
+    option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=defaults.speaker_id, metavar="N",
+           help="speaker of a multi-speaker model (default %(default)s)")
     option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
     option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
@@ -346,8 +347,6 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     if index_path is None and args.index_rate is not None:
         warn("--index_rate has no effect without --index_name")
     index = load_index(index_path, voice.phone_dim) if index_path else None
-    if not paths.hubert.exists():
-        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", paths.hubert)
     hubert = load_hubert(paths.hubert)
     rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
     timings.load = time.perf_counter() - start
@@ -355,7 +354,7 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
 
     params = ConversionParams(
         f0_up_key=args.f0_up_key, f0_method=method or "none",
-        index_rate=DEFAULT_INDEX_RATE if args.index_rate is None else args.index_rate,
+        index_rate=ConversionParams.index_rate if args.index_rate is None else args.index_rate,
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
@@ -1099,7 +1098,7 @@ def load_hubert(path: Path) -> HubertEncoder:
     """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
     path = Path(path)
     if not path.exists():
-        raise NotFoundError("HuBERT model not found", path)
+        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", path)
     fairseq = not path.is_dir()
     if fairseq:
         config, state = _read_hubert_fairseq(path)

@@ -58,18 +58,21 @@ def python_with_peak(script: Path, *args) -> list:
     return [sys.executable, "-c", PEAK_WRAPPER, script, *args]
 
 
-def build_full_models(root: Path, version: str = "v2", sample_rate: int = 40000) -> Path:
-    """models/ with a full-size random voice model, HuBERT base (fairseq) and RMVPE."""
+def build_models(root: Path, size: str = "full") -> Path:
+    """models/ with random models of the real architectures: size "full" is a v2 40k voice
+    model, HuBERT base (fairseq) and RMVPE at their real sizes; "tiny" the tests' small ones
+    (a v1 40k voice, as the tiny HuBERT is 64 wide), for long runs that test the pipeline's
+    own memory rather than the networks'."""
     from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
 
     (root / "rvc").mkdir(parents=True, exist_ok=True)
     if not (root / "rvc" / "bench.pth").exists():
-        make_voice_model_file(root / "rvc" / "bench.pth", version=version, sample_rate=sample_rate, f0=True,
-                              size="full", seed=0)
+        make_voice_model_file(root / "rvc" / "bench.pth", version="v2" if size == "full" else "v1",
+                              sample_rate=40000, f0=True, size=size, seed=0)
     if not (root / "hubert_base.pt").exists():
-        make_hubert_fairseq(root / "hubert_base.pt", size="full", seed=0)
+        make_hubert_fairseq(root / "hubert_base.pt", size=size, seed=0)
     if not (root / "rmvpe.pt").exists():
-        make_rmvpe_file(root / "rmvpe.pt", size="full", seed=0)
+        make_rmvpe_file(root / "rmvpe.pt", size=size, seed=0)
     return root
 
 

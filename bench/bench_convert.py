@@ -3,7 +3,8 @@
 factor and peak RSS, for 10 s and 60 s of speech-like audio with harvest and with rmvpe.
 
     python bench/bench_convert.py                   # the table of the issue
-    python bench/bench_convert.py --seconds 600 3600 --methods rmvpe   # long inputs
+    python bench/bench_convert.py --seconds 60 300 --methods rmvpe     # memory vs duration
+    python bench/bench_convert.py --size tiny --seconds 3600           # an hour through the pipeline
 
 Each run is a fresh `rvc_modulator.py ... --json` process (what a service pays per call).
 Real-time factor = conversion time / audio duration (below 1: faster than real time).
@@ -16,7 +17,7 @@ import sys
 
 import soundfile as sf
 
-from _harness import REPO, build_full_models, measure, python_with_peak, table
+from _harness import REPO, build_models, measure, python_with_peak, table
 
 SR = 16000
 
@@ -26,12 +27,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60])
     parser.add_argument("--methods", nargs="+", default=["harvest", "rmvpe"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full",
+                        help="full: the real architectures' sizes; tiny: the tests' small models")
     args = parser.parse_args()
 
     from conftest import speech_like
 
     out = REPO / "bench" / "out"
-    models = build_full_models(out / "models")
+    models = build_models(out / f"models_{args.size}", args.size)
     rows = []
     for seconds in args.seconds:
         source = out / f"speech_{seconds:g}s.wav"

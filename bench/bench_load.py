@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from _harness import REPO, build_full_models, measure, python_with_peak, table
+from _harness import REPO, build_models, measure, python_with_peak, table
 
 LOADER = """
 import json, sys, time
@@ -30,7 +30,7 @@ print(json.dumps({{"import_s": imported - import_start, "load_s": loaded - impor
 
 def main() -> None:
     out = REPO / "bench" / "out"
-    models = build_full_models(out / "models")
+    models = build_models(out / "models_full")
     script = out / "load_one.py"
     script.write_text(LOADER.format(repo=str(REPO)))
     rows = []
