@@ -2737,6 +2737,7 @@ T_MAX = SAMPLE_RATE * X_MAX
 HIGHPASS_HZ = 48  # §5.3: 5th-order Butterworth high-pass, applied forward and backward
 HIGHPASS_ORDER = 5
 PROTECT_OFF = 0.5  # protect >= 0.5 disables consonant protection
+RMS_BLOCKS_PER_PIECE = 64  # loudness blocks summed per pass (bounds frame_rms's temporaries)
 
 
 @dataclass
@@ -2819,16 +2820,21 @@ def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, in
 
 
 def frame_rms(y: np.ndarray, frame_length: int, hop: int) -> np.ndarray:
-    """RMS of frames centred every `hop` samples (zero-padded at the ends): the values of
-    librosa.feature.rms, computed from running sums in O(len(y)) memory, and without
-    librosa's import and JIT start-up (seconds per run)."""
-    half = frame_length // 2
-    n_frames = 1 + (len(y) + 2 * half - frame_length) // hop
-    energy = np.concatenate([[0.0], np.cumsum(np.square(y, dtype=np.float64))])  # energy[i] = sum(y[:i]**2)
-    starts = np.arange(n_frames) * hop - half  # first sample of each frame, in y's indexing
-    ends = np.clip(starts + frame_length, 0, len(y))
-    starts = np.clip(starts, 0, len(y))
-    return np.sqrt(np.maximum(energy[ends] - energy[starts], 0) / frame_length).astype(np.float32)  # as librosa
+    """RMS of frames of 2*hop samples centred every `hop` samples, zero-padded at the ends:
+    the values of librosa.feature.rms (center=True) for frame_length == 2 * hop, which is
+    what §5.8 uses, without librosa's seconds of import and JIT start-up. Energies are summed
+    per hop-long block in bounded pieces (float64), so an hour of audio needs no full-length
+    temporary; frame t covers blocks t-1 and t."""
+    if frame_length != 2 * hop:
+        raise ValueError("frame_rms needs frame_length == 2 * hop")
+    n_frames = 1 + len(y) // hop
+    blocks = np.zeros(n_frames + 1)  # blocks[b + 1] = energy of y[b*hop : (b+1)*hop], b = -1 .. n_frames-1
+    step = hop * RMS_BLOCKS_PER_PIECE
+    for start in range(0, len(y), step):
+        piece = np.square(y[start: start + step], dtype=np.float64)
+        sums = np.add.reduceat(piece, np.arange(0, len(piece), hop))
+        blocks[1 + start // hop: 1 + start // hop + len(sums)] = sums
+    return np.sqrt((blocks[:-1] + blocks[1:]) / frame_length).astype(np.float32)  # float32, as librosa
 
 
 def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float) -> np.ndarray:
