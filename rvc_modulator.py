@@ -648,7 +648,7 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
     """§5.8: int16 samples; outputs peaking above 0.99 are normalised to that peak."""
     peak = float(np.abs(audio).max()) / OUTPUT_PEAK if audio.size else 0.0
     scale = INT16_SCALE / peak if peak > 1 else INT16_SCALE
-    return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
+    return (audio * np.float32(scale)).astype(np.int16)  # truncation toward zero, as the reference
 
 
 def output_format(path: Path) -> tuple[str, str]:
@@ -2744,6 +2744,8 @@ HIGHPASS_HZ = 48  # §5.3: 5th-order Butterworth high-pass, applied forward and 
 HIGHPASS_ORDER = 5
 PROTECT_OFF = 0.5  # protect >= 0.5 disables consonant protection
 RMS_BLOCKS_PER_PIECE = 64  # loudness blocks summed per pass (bounds frame_rms's temporaries)
+RMS_FLOOR = 1e-6  # the output envelope is floored here before it divides (§5.8)
+MIX_PIECE = 1 << 20  # output samples re-levelled per pass by mix_rms
 
 
 @dataclass
@@ -2843,17 +2845,32 @@ def frame_rms(y: np.ndarray, frame_length: int, hop: int) -> np.ndarray:
     return np.sqrt((blocks[:-1] + blocks[1:]) / frame_length).astype(np.float32)  # float32, as librosa
 
 
+def resize_linear(values: np.ndarray, size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Samples [start, stop) of `values` linearly resized to `size` samples: what
+    F.interpolate(mode="linear", align_corners=False) gives, one piece at a time."""
+    stop = size if stop is None else stop
+    n = len(values)
+    position = np.maximum((np.arange(start, stop) + 0.5) * (n / size) - 0.5, 0)  # in `values`' frames
+    left = np.minimum(position.astype(np.int64), n - 1)
+    right = np.minimum(left + 1, n - 1)
+    weight = position - left
+    return values[left] * (1 - weight) + values[right] * weight
+
+
 def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float) -> np.ndarray:
     """§5.8: move the output's loudness envelope towards the input's (rate 0: the input's,
-    1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated."""
-    def envelope(y: np.ndarray, sr: int) -> torch.Tensor:  # (len(output),)
-        rms = frame_rms(y, frame_length=sr // 2 * 2, hop=sr // 2)
-        return F.interpolate(torch.from_numpy(rms)[None, None], size=len(output), mode="linear")[0, 0]
-
-    rms_in = envelope(source, SAMPLE_RATE)
-    rms_out = torch.clamp(envelope(output, output_sr), min=1e-6)
-    gain = torch.pow(rms_in, torch.tensor(1 - rate)) * torch.pow(rms_out, torch.tensor(rate - 1))
-    return (output * gain.numpy()).astype(np.float32)
+    1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated to the
+    output's samples. Works in place on `output`, a piece at a time: an hour of 48 kHz
+    audio needs no full-length envelopes."""
+    rms_in = frame_rms(source, frame_length=SAMPLE_RATE // 2 * 2, hop=SAMPLE_RATE // 2)
+    rms_out = frame_rms(output, frame_length=output_sr // 2 * 2, hop=output_sr // 2)
+    size = len(output)
+    for start in range(0, size, MIX_PIECE):
+        stop = min(start + MIX_PIECE, size)
+        envelope_in = resize_linear(rms_in, size, start, stop).astype(np.float32)
+        envelope_out = np.maximum(resize_linear(rms_out, size, start, stop).astype(np.float32), RMS_FLOOR)
+        output[start:stop] *= envelope_in ** np.float32(1 - rate) * envelope_out ** np.float32(rate - 1)
+    return output
 
 
 class Converter:
@@ -2909,13 +2926,15 @@ class Converter:
             parts.append(out[trim: len(out) - trim])
             if progress is not None:
                 progress(k + 1, len(bounds))
+        del audio_pad, pitch, pitchf  # long inputs: free what post-processing does not need
         result = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        parts.clear()
         if not np.isfinite(result).all():
             raise InferenceError("the network produced non-finite audio")
         if params.rms_mix_rate != 1 and result.size:
             result = mix_rms(audio, result, self.output_rate, params.rms_mix_rate)
         rate = self.output_rate
-        if params.resample_sr >= SAMPLE_RATE and params.resample_sr != rate:
+        if params.resample_sr and params.resample_sr != rate:
             result, rate = resample(result, rate, params.resample_sr), params.resample_sr
         return to_int16(result), rate
 

@@ -271,3 +271,19 @@ def test_frame_rms_equals_librosa(n, sr):
     ours = rvc.frame_rms(y, sr // 2 * 2, sr // 2)
     assert ours.shape == expected.shape and ours.dtype == expected.dtype
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("frames,size", [(7, 48000), (3, 1), (13, 119200), (1, 5)])
+def test_envelope_resizing_equals_torch_linear_interpolation(frames, size):
+    values = np.random.default_rng(size).random(frames).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(values)[None, None], size=size, mode="linear")[0, 0]
+    pieces = np.concatenate([rvc.resize_linear(values, size, a, min(a + 1000, size)) for a in range(0, size, 1000)])
+    np.testing.assert_allclose(pieces, expected.numpy(), rtol=1e-5, atol=1e-6)  # torch places samples in float32
+
+
+def test_resample_sr_below_16k_is_honoured(fixtures):
+    voice = rvc.load_voice_model(fixtures / "models/tiny_v1_40k_f0.pth")
+    hubert = rvc.load_hubert(fixtures / "models/hubert_tiny_v1")
+    params = rvc.ConversionParams(f0_method="harvest", resample_sr=8000, noise=False)
+    samples, rate = rvc.Converter(voice, hubert).convert(speech_like(1.0), params)
+    assert rate == 8000 and abs(len(samples) - 8000) < 200
