@@ -87,6 +87,7 @@ HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe
 DEVICES_HELP = "auto|cpu|cuda|cuda:N"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a terminal
+Progress = Callable[[str, int, int], None]  # progress(stage, done, total), stage "pitch" or "segment"
 
 # Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
 RANGES: dict[str, tuple[type, float, float]] = {
@@ -382,8 +383,8 @@ def convert(run: Run) -> int:
     timings: Timings = run.report["timings"]
     long_input = audio.duration >= PROGRESS_MIN_SECONDS and sys.stderr.isatty() and not run.args.quiet
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rconverting: segment {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"\rconverting: {stage} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
     try:
         samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
@@ -2461,12 +2462,14 @@ class RMVPE(nn.Module):
         return salience[0, :n_frames].float()
 
     def f0(self, audio16k: np.ndarray, threshold: float = RMVPE_THRESHOLD, *,
-           chunk_frames: int | None = None, context_frames: int = RMVPE_CONTEXT_FRAMES) -> np.ndarray:
+           chunk_frames: int | None = None, context_frames: int = RMVPE_CONTEXT_FRAMES,
+           progress: Progress | None = None) -> np.ndarray:
         """Pitch of a 16 kHz signal (N,): (1 + N // 160,) float64 Hz, 0 where unvoiced.
 
         chunk_frames: process this many frames at a time (a multiple of 32), each chunk
         with `context_frames` (a multiple of 32) of signal on both sides; None = in one
         piece up to RMVPE_MAX_UNCHUNKED_FRAMES, else chunks of RMVPE_CHUNK_FRAMES.
+        progress: called ("pitch", done, total) after each chunk when there are several.
         """
         device = self.cnn.weight.device
         audio = torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32)).to(device)
@@ -2476,12 +2479,14 @@ class RMVPE(nn.Module):
         if chunk_frames < n_frames and (chunk_frames <= 0 or context_frames < 0 or chunk_frames % RMVPE_FRAME_MULTIPLE
                                         or context_frames % RMVPE_FRAME_MULTIPLE):
             raise ValueError(f"chunk_frames and context_frames must be multiples of {RMVPE_FRAME_MULTIPLE}")
-        f0 = []
-        for start in range(0, n_frames, chunk_frames):
+        f0, starts = [], range(0, n_frames, chunk_frames)
+        for start in starts:
             stop = min(start + chunk_frames, n_frames)
             lo, hi = max(0, start - context_frames), min(n_frames, stop + context_frames)
             salience = self.salience(self.mel(audio, lo, hi))[start - lo: stop - lo]  # (stop - start, 360)
             f0.append(decode_salience(salience.cpu().numpy(), threshold))
+            if progress is not None and len(starts) > 1:
+                progress("pitch", len(f0), len(starts))
         return np.concatenate(f0)
 
 
@@ -2499,6 +2504,7 @@ CREPE_BATCH = 512
 HARVEST_MEDIAN = 3  # harvest's median filter kernel; filter_radius > 2 only switches it on
 F0_BLOCK_FRAMES = 6000  # WORLD estimators run on 60 s blocks of long inputs (see in_blocks)
 F0_BLOCK_CONTEXT = 300  # frames (3 s) of signal on each side of a block, discarded after
+F0_BLOCK_WORKERS = 4  # blocks estimated at once, at most (harvest: ~0.5 GB each)
 
 
 def _import_optional(method: str) -> Any:
@@ -2535,7 +2541,8 @@ def _import_torchcrepe() -> Any:
 
 
 def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
-              block_frames: int = F0_BLOCK_FRAMES, context_frames: int = F0_BLOCK_CONTEXT) -> np.ndarray:
+              block_frames: int = F0_BLOCK_FRAMES, context_frames: int = F0_BLOCK_CONTEXT,
+              workers: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """Run a 10 ms-frame F0 estimator over a long signal block by block.
 
     WORLD's estimators work on the whole signal at once, with memory that grows faster
@@ -2543,15 +2550,31 @@ def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
     Each block is estimated with `context_frames` of signal on both sides, which are then
     dropped; frame k of a block starting at frame `lo` is frame lo + k of the whole.
     Signals up to one block (plus context) run in one piece, exactly as the reference.
+
+    WORLD releases the GIL, so blocks run on `workers` threads (default: torch's thread
+    count, at most F0_BLOCK_WORKERS, which bounds memory); the result does not depend on it.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     n_frames = len(x) // HOP + 1
     if n_frames <= block_frames + 2 * context_frames:
         return estimate(x)
-    parts = []
-    for start in range(0, n_frames, block_frames):
+    starts = range(0, n_frames, block_frames)
+
+    def block(start: int) -> np.ndarray:
         lo, hi = max(0, start - context_frames), min(n_frames, start + block_frames + context_frames)
-        f0 = estimate(x[lo * HOP: hi * HOP])
-        parts.append(f0[start - lo: start - lo + min(block_frames, n_frames - start)])
+        return estimate(x[lo * HOP: hi * HOP])[start - lo: start - lo + min(block_frames, n_frames - start)]
+
+    workers = workers or min(F0_BLOCK_WORKERS, torch.get_num_threads())
+    parts = []
+    pool = ThreadPoolExecutor(max(1, min(workers, len(starts))))
+    try:
+        for f0 in pool.map(block, starts):  # in order
+            parts.append(f0)
+            if progress is not None:
+                progress("pitch", len(parts), len(starts))
+    finally:  # on an interrupt, do not wait for the blocks still queued
+        pool.shutdown(wait=False, cancel_futures=True)
     return np.concatenate(parts)
 
 
@@ -2564,7 +2587,7 @@ def _import_pyworld() -> Any:
     return pyworld
 
 
-def f0_harvest(x: np.ndarray, filter_radius: int) -> np.ndarray:
+def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = None) -> np.ndarray:
     """WORLD harvest + stonemask refinement (§4.3); median-filtered when filter_radius > 2."""
     from scipy.signal import medfilt
 
@@ -2576,13 +2599,13 @@ def f0_harvest(x: np.ndarray, filter_radius: int) -> np.ndarray:
                                 frame_period=FRAME_PERIOD_MS)
         return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
 
-    f0 = in_blocks(harvest, x)
+    f0 = in_blocks(harvest, x, progress=progress)
     if filter_radius > 2:
         f0 = medfilt(f0, HARVEST_MEDIAN)
     return f0
 
 
-def f0_dio(x: np.ndarray) -> np.ndarray:
+def f0_dio(x: np.ndarray, progress: Progress | None = None) -> np.ndarray:
     """WORLD dio + stonemask (the classic WebUI's fast estimator, used in training)."""
     pyworld = _import_pyworld()
 
@@ -2591,7 +2614,7 @@ def f0_dio(x: np.ndarray) -> np.ndarray:
         f0, t = pyworld.dio(block, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
         return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
 
-    return in_blocks(dio, x)
+    return in_blocks(dio, x, progress=progress)
 
 
 def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
@@ -2643,7 +2666,7 @@ def coarse_pitch(f0: np.ndarray) -> np.ndarray:
 def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: int = 0,
                 filter_radius: int = 3, rmvpe: "RMVPE | None" = None,
                 device: torch.device = torch.device("cpu"), interp_unvoiced: bool = False,
-                ) -> tuple[np.ndarray, np.ndarray]:
+                progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """F0 of the whole padded 16 kHz signal (§4.1): (coarse pitch int, f0 in Hz), p_len frames.
 
     Unvoiced frames stay 0 Hz (classic WebUI) unless interp_unvoiced (2026 WebUI).
@@ -2651,11 +2674,11 @@ def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: in
     if method == "rmvpe":
         if rmvpe is None:
             raise NotFoundError("--f0_method rmvpe needs rmvpe.pt", "--rmvpe")
-        f0 = rmvpe.f0(audio_pad)
+        f0 = rmvpe.f0(audio_pad, progress=progress)
     elif method == "harvest":
-        f0 = f0_harvest(audio_pad, filter_radius)
+        f0 = f0_harvest(audio_pad, filter_radius, progress)
     elif method == "dio":
-        f0 = f0_dio(audio_pad)
+        f0 = f0_dio(audio_pad, progress)
     elif method == "pm":
         f0 = f0_pm(audio_pad, p_len)
     elif method == "crepe":
@@ -2889,7 +2912,7 @@ class Converter:
         return self.voice.sample_rate
 
     def convert(self, audio: np.ndarray, params: ConversionParams, timings: Timings | None = None,
-                progress: Callable[[int, int], None] | None = None,
+                progress: Progress | None = None,
                 trace: list[dict] | None = None) -> tuple[np.ndarray, int]:
         """§5: 16 kHz float audio in, (int16 samples, sample rate) out.
 
@@ -2906,7 +2929,8 @@ class Converter:
             start = time.perf_counter()
             coarse, f0 = estimate_f0(audio_pad, p_len, params.f0_method, f0_up_key=params.f0_up_key,
                                      filter_radius=params.filter_radius, rmvpe=self.rmvpe,
-                                     device=self.device, interp_unvoiced=params.interp_unvoiced)
+                                     device=self.device, interp_unvoiced=params.interp_unvoiced,
+                                     progress=progress)
             pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
             pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
             timings.f0 += time.perf_counter() - start
@@ -2925,7 +2949,7 @@ class Converter:
                                         timings, seg_trace)
             parts.append(out[trim: len(out) - trim])
             if progress is not None:
-                progress(k + 1, len(bounds))
+                progress("segment", k + 1, len(bounds))
         del audio_pad, pitch, pitchf  # long inputs: free what post-processing does not need
         result = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         parts.clear()
@@ -2997,4 +3021,10 @@ class Converter:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if exit_code == EXIT_INTERRUPTED:
+        # Everything is cleaned up; do not wait for an F0 worker thread inside WORLD's C code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

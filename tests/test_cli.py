@@ -478,19 +478,54 @@ def test_models_dir_comes_from_the_environment(models, speech, tmp_path):
 
 # --- signals and concurrency ---------------------------------------------------------
 
-def test_sigterm_mid_conversion_leaves_nothing_behind(models, tmp_path):
+def test_sigterm_mid_conversion_leaves_nothing_behind_and_is_prompt(models, tmp_path):
+    """Here the signal lands while harvest's blocks run on worker threads (tens of seconds
+    each): the process must not wait for them, nor for the blocks still queued."""
     source = tmp_path / "long.wav"
-    sf.write(source, speech_like(60.0), SR, subtype="PCM_16")
+    sf.write(source, speech_like(200.0), SR, subtype="PCM_16")
     out = tmp_path / "out.wav"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), source, out, "voice", "--models_dir", models,
                              "--f0_method", "harvest", "--json"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # past start-up, into the conversion
+    time.sleep(8)  # past start-up, into the pitch blocks
     proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     stdout, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - signalled < 10, "waited for the pitch blocks"  # one block takes ~25 s
     assert proc.returncode == rvc.EXIT_INTERRUPTED, stderr
     assert json.loads(stdout)["error"] == "interrupted"
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_long_inputs_show_progress_on_a_terminal_and_never_in_a_pipe(models, tmp_path):
+    import pty
+
+    source = tmp_path / "long.wav"
+    sf.write(source, speech_like(70.0), SR, subtype="PCM_16")  # two pitch blocks, two segments
+    args = [sys.executable, str(SCRIPT), source, tmp_path / "out.wav", "voice", "--models_dir", models,
+            "--f0_method", "dio"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.wait(timeout=600) == 0, shown
+    steps = [(stage, int(done), int(total))
+             for stage, done, total in re.findall(r"\rconverting: (\w+) (\d+)/(\d+)", shown.decode())]
+    segments = steps[2:]
+    assert steps[:2] == [("pitch", 1, 2), ("pitch", 2, 2)], shown
+    assert len(segments) >= 2 and segments == [("segment", k, len(segments)) for k in range(1, len(segments) + 1)]
+
+    piped = run_cli(*args[2:])
+    assert piped.returncode == 0 and "converting" not in piped.stderr, piped.stderr
 
 
 def test_four_conversions_side_by_side(models, speech, tmp_path):

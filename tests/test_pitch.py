@@ -179,6 +179,30 @@ def test_long_inputs_are_estimated_in_blocks_that_agree_with_one_piece(method):
     assert np.abs(blocks - whole).max() <= 1e-3  # Hz (measured: harvest 5.6e-4, dio 1e-10)
 
 
+def test_blocks_run_concurrently_and_give_the_same_contour_in_the_same_order():
+    """WORLD releases the GIL, so blocks run on threads; the result is the one-thread result."""
+    import threading
+
+    x = padded(speech_like(20.0, f0=170.0, seed=4))
+    barrier = threading.Barrier(2, timeout=30)  # broken unless the first two blocks are in flight at once
+    calls = iter(range(1000))  # next() on an iterator is atomic under the GIL
+
+    def dio(block, meet=False):
+        if meet and next(calls) < 2:
+            barrier.wait()
+        pyworld = rvc._import_pyworld()
+        f0, t = pyworld.dio(np.ascontiguousarray(block), fs=SR, f0_ceil=rvc.F0_MAX, f0_floor=rvc.F0_MIN,
+                            frame_period=rvc.FRAME_PERIOD_MS)
+        return pyworld.stonemask(np.ascontiguousarray(block), f0, t, SR)
+
+    seen = []
+    one = rvc.in_blocks(dio, x, block_frames=500, context_frames=300, workers=1)
+    two = rvc.in_blocks(lambda block: dio(block, meet=True), x, block_frames=500, context_frames=300, workers=2,
+                        progress=lambda *step: seen.append(step))
+    assert np.array_equal(one, two)
+    assert seen == [("pitch", k, 5) for k in range(1, 6)]
+
+
 def test_short_inputs_run_in_one_piece():
     x = np.zeros(10 * SR)
     assert len(rvc.in_blocks(lambda block: np.full(len(block) // rvc.HOP + 1, float(len(block))), x)) == 1001
