@@ -2587,19 +2587,25 @@ def _import_pyworld() -> Any:
     return pyworld
 
 
+def world_f0(algorithm: str) -> Callable[[np.ndarray], np.ndarray]:
+    """WORLD's `algorithm` ("harvest" or "dio") followed by stonemask refinement, as a
+    function of one 16 kHz signal (or block of one) to its 10 ms-frame F0 in Hz."""
+    pyworld = _import_pyworld()
+    estimate = getattr(pyworld, algorithm)
+
+    def f0(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        raw, times = estimate(x, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
+        return pyworld.stonemask(x, raw, times, SAMPLE_RATE)
+
+    return f0
+
+
 def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = None) -> np.ndarray:
     """WORLD harvest + stonemask refinement (§4.3); median-filtered when filter_radius > 2."""
     from scipy.signal import medfilt
 
-    pyworld = _import_pyworld()
-
-    def harvest(block: np.ndarray) -> np.ndarray:
-        block = np.ascontiguousarray(block, dtype=np.float64)
-        f0, t = pyworld.harvest(block, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN,
-                                frame_period=FRAME_PERIOD_MS)
-        return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
-
-    f0 = in_blocks(harvest, x, progress=progress)
+    f0 = in_blocks(world_f0("harvest"), x, progress=progress)
     if filter_radius > 2:
         f0 = medfilt(f0, HARVEST_MEDIAN)
     return f0
@@ -2607,14 +2613,7 @@ def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = No
 
 def f0_dio(x: np.ndarray, progress: Progress | None = None) -> np.ndarray:
     """WORLD dio + stonemask (the classic WebUI's fast estimator, used in training)."""
-    pyworld = _import_pyworld()
-
-    def dio(block: np.ndarray) -> np.ndarray:
-        block = np.ascontiguousarray(block, dtype=np.float64)
-        f0, t = pyworld.dio(block, fs=SAMPLE_RATE, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=FRAME_PERIOD_MS)
-        return pyworld.stonemask(block, f0, t, SAMPLE_RATE)
-
-    return in_blocks(dio, x, progress=progress)
+    return in_blocks(world_f0("dio"), x, progress=progress)
 
 
 def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
@@ -2850,14 +2849,13 @@ def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, in
     return bounds
 
 
-def frame_rms(y: np.ndarray, frame_length: int, hop: int) -> np.ndarray:
+def frame_rms(y: np.ndarray, hop: int) -> np.ndarray:
     """RMS of frames of 2*hop samples centred every `hop` samples, zero-padded at the ends:
     the values of librosa.feature.rms (center=True) for frame_length == 2 * hop, which is
     what §5.8 uses, without librosa's seconds of import and JIT start-up. Energies are summed
     per hop-long block in bounded pieces (float64), so an hour of audio needs no full-length
     temporary; frame t covers blocks t-1 and t."""
-    if frame_length != 2 * hop:
-        raise ValueError("frame_rms needs frame_length == 2 * hop")
+    frame_length = 2 * hop
     n_frames = 1 + len(y) // hop
     blocks = np.zeros(n_frames + 1)  # blocks[b + 1] = energy of y[b*hop : (b+1)*hop], b = -1 .. n_frames-1
     step = hop * RMS_BLOCKS_PER_PIECE
@@ -2885,8 +2883,8 @@ def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float)
     1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated to the
     output's samples. Works in place on `output`, a piece at a time: an hour of 48 kHz
     audio needs no full-length envelopes."""
-    rms_in = frame_rms(source, frame_length=SAMPLE_RATE // 2 * 2, hop=SAMPLE_RATE // 2)
-    rms_out = frame_rms(output, frame_length=output_sr // 2 * 2, hop=output_sr // 2)
+    rms_in = frame_rms(source, hop=SAMPLE_RATE // 2)
+    rms_out = frame_rms(output, hop=output_sr // 2)
     size = len(output)
     for start in range(0, size, MIX_PIECE):
         stop = min(start + MIX_PIECE, size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from _harness import REPO, build_models, measure, python_with_peak, table
 

@@ -5,13 +5,35 @@ on a clone without the shared fixtures.
 """
 from __future__ import annotations
 
-# --- voice models (.pth, WebUI format) ---------------------------------------
-
+import argparse
+import contextlib
+import json
+import math
 import re
+import struct
+import sys
+import types
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+
+# --- a file that would run code ----------------------------------------------
+
+class RunsOnUnpickle:
+    """Pickles as the call func(*args): what a malicious model file hides. Any loader that
+    unpickles it (plain pickle, torch.load without weights_only) makes that call."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+# --- voice models (.pth, WebUI format) ---------------------------------------
 
 # Official per-rate decoder settings (SPEC §1.3): (spec_channels, upsample_rates, upsample_kernel_sizes).
 WEBUI_RATE_CONFIGS = {
@@ -155,17 +177,6 @@ def make_voice_model_file(path: str | Path, **kwargs) -> Path:
 # hubert_base.pt (fairseq) or like a transformers folder. The two writers rename
 # fairseq's tensor names on their own (not via rvc_modulator), so the loader's mapping is
 # checked against an independent statement of it.
-import argparse
-import contextlib
-import json
-import re
-import struct
-import sys
-import types
-from pathlib import Path
-from typing import Callable
-
-import torch
 
 HUBERT_SIZES = {
     "tiny": dict(hidden=64, layers=10, heads=4, ffn=128, conv_dim=32, pos_kernel=16),
@@ -397,12 +408,6 @@ def make_hubert_transformers(folder: Path, *, hidden: int | None = None, layers:
 
 
 # --- RMVPE (rmvpe.pt) --------------------------------------------------------
-
-import math
-from collections import OrderedDict
-from pathlib import Path
-
-import torch
 
 # rmvpe.pt is a bare state dict of RVC's E2E(n_blocks, n_gru, (2, 2), en_de_layers,
 # inter_layers, in_channels, en_out_channels). The key list is spelled out here from the

@@ -21,7 +21,7 @@ import soundfile as sf
 
 import rvc_modulator as rvc
 from conftest import REPO, SCRIPT, run_cli, speech_like
-from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
+from factories import RunsOnUnpickle, make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
 
 SR = 16000
 
@@ -33,6 +33,7 @@ def models(tmp_path_factory) -> Path:
     """models/ with v1 40k voices (pitch and no pitch), an index, a tiny HuBERT and RMVPE,
     and the broken files of the bad-input corpus."""
     import faiss
+    import torch
 
     root = tmp_path_factory.mktemp("models")
     rvc_dir = root / "rvc"
@@ -54,28 +55,10 @@ def models(tmp_path_factory) -> Path:
     good = (rvc_dir / "voice.pth").read_bytes()
     (rvc_dir / "truncated.pth").write_bytes(good[: len(good) // 2])
     (rvc_dir / "text.pth").write_text("this is not a model\n")
-    (rvc_dir / "payload.pth").write_bytes(_payload_pickle(root / "PWNED"))
+    # Loading this the unsafe way would create models/PWNED.
+    torch.save({"weight": {}, "config": RunsOnUnpickle(os.system, f"touch '{root / 'PWNED'}'")},
+               rvc_dir / "payload.pth")
     return root
-
-
-class _Payload:
-    """Unpickling this would create a file: the code a malicious model would run."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
-def _payload_pickle(marker: Path) -> bytes:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({"weight": {}, "config": _Payload(marker)}, buffer)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 
 import rvc_modulator as rvc
 from conftest import snr_db
-from factories import make_hubert_fairseq, make_hubert_transformers, write_safetensors
+from factories import RunsOnUnpickle, make_hubert_fairseq, make_hubert_transformers, write_safetensors
 
 HUBERT_FIXTURES = ("hubert_tiny_v1", "hubert_tiny_v2")
 VERSION = {"hubert_tiny_v1": "v1", "hubert_tiny_v2": "v2"}
@@ -151,25 +151,9 @@ def test_only_cfg_model_and_the_state_dict_are_read_from_a_fairseq_checkpoint(tm
                                rvc.load_hubert(tiny_fairseq).extract(x, "v1"), rtol=0, atol=0)
 
 
-class RunsShellCommand:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class RunsPython:
-    def __init__(self, code: str):
-        self.code = code
-
-    def __reduce__(self):
-        return builtins.exec, (self.code,)
-
-
 @pytest.mark.parametrize("payload", [
-    lambda marker: RunsShellCommand(f"touch {marker}"),
-    lambda marker: RunsPython(f"open({str(marker)!r}, 'w').close()"),
+    lambda marker: RunsOnUnpickle(os.system, f"touch {marker}"),
+    lambda marker: RunsOnUnpickle(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
 ])
 def test_a_hubert_file_whose_pickle_would_run_code_is_refused(tmp_path, tiny_fairseq, payload):
     marker = tmp_path / "marker"

@@ -61,7 +61,8 @@ def _models_dir(fixtures: Path, case, tmp_path: Path) -> Path:
 
 def _cli_args(fixtures: Path, case, models: Path) -> list:
     p = case["params"]
-    args = ["--models_dir", models, "--hubert", fixtures / case["hubert"], "--no_noise", "--device", "cpu", "--f0_up_key", p["f0_up_key"], "--filter_radius", p["filter_radius"],
+    args = ["--models_dir", models, "--hubert", fixtures / case["hubert"], "--no_noise", "--device", "cpu",
+            "--f0_up_key", p["f0_up_key"], "--filter_radius", p["filter_radius"],
             "--rms_mix_rate", p["rms_mix_rate"], "--protect", p["protect"], "--resample_sr", p["resample_sr"],
             "--speaker_id", p["sid"], "--json"]
     if case["if_f0"]:
@@ -176,13 +177,12 @@ def _rmvpe(fixtures: Path, case) -> rvc.RMVPE | None:
 
 
 def _converter(fixtures: Path, case) -> rvc.Converter:
-    cached = _cached
-    voice = cached(case["model"], lambda: rvc.load_voice_model(fixtures / case["model"]))
-    hubert = cached(case["hubert"], lambda: rvc.load_hubert(fixtures / case["hubert"]))
+    voice = _cached(case["model"], lambda: rvc.load_voice_model(fixtures / case["model"]))
+    hubert = _cached(case["hubert"], lambda: rvc.load_hubert(fixtures / case["hubert"]))
     rmvpe = _rmvpe(fixtures, case)
     index = None
     if case["index"] and case["params"]["index_rate"] != 0:
-        index = cached(case["index"], lambda: rvc.load_index(fixtures / case["index"], voice.phone_dim))
+        index = _cached(case["index"], lambda: rvc.load_index(fixtures / case["index"], voice.phone_dim))
     return rvc.Converter(voice, hubert, rmvpe, index)
 
 
@@ -268,7 +268,7 @@ def test_frame_rms_equals_librosa(n, sr):
     librosa = pytest.importorskip("librosa")
     y = np.random.default_rng(n).standard_normal(n) * 0.3
     expected = librosa.feature.rms(y=y, frame_length=sr // 2 * 2, hop_length=sr // 2)[0]
-    ours = rvc.frame_rms(y, sr // 2 * 2, sr // 2)
+    ours = rvc.frame_rms(y, hop=sr // 2)
     assert ours.shape == expected.shape and ours.dtype == expected.dtype
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
 

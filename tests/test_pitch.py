@@ -163,14 +163,11 @@ def test_long_inputs_are_estimated_in_blocks_that_agree_with_one_piece(method):
     context kept on both sides the blocks reproduce the one-piece contour."""
     x = padded(speech_like(20.0, f0=170.0, seed=3))
     whole = rvc.f0_harvest(x, 0) if method == "harvest" else rvc.f0_dio(x)
-    calls = []
+    calls, world = [], rvc.world_f0(method)
 
     def estimator(block):
         calls.append(len(block))
-        pyworld = rvc._import_pyworld()
-        f0, t = getattr(pyworld, method)(np.ascontiguousarray(block), fs=SR, f0_ceil=rvc.F0_MAX,
-                                         f0_floor=rvc.F0_MIN, frame_period=rvc.FRAME_PERIOD_MS)
-        return pyworld.stonemask(np.ascontiguousarray(block), f0, t, SR)
+        return world(block)
 
     blocks = rvc.in_blocks(estimator, x, block_frames=500, context_frames=300)
     assert len(calls) == 5 and max(calls) <= (500 + 2 * 300) * rvc.HOP
@@ -185,19 +182,16 @@ def test_blocks_run_concurrently_and_give_the_same_contour_in_the_same_order():
 
     x = padded(speech_like(20.0, f0=170.0, seed=4))
     barrier = threading.Barrier(2, timeout=30)  # broken unless the first two blocks are in flight at once
-    calls = iter(range(1000))  # next() on an iterator is atomic under the GIL
+    calls, dio = iter(range(1000)), rvc.world_f0("dio")  # next() on an iterator is atomic under the GIL
 
-    def dio(block, meet=False):
-        if meet and next(calls) < 2:
+    def meeting_dio(block):
+        if next(calls) < 2:
             barrier.wait()
-        pyworld = rvc._import_pyworld()
-        f0, t = pyworld.dio(np.ascontiguousarray(block), fs=SR, f0_ceil=rvc.F0_MAX, f0_floor=rvc.F0_MIN,
-                            frame_period=rvc.FRAME_PERIOD_MS)
-        return pyworld.stonemask(np.ascontiguousarray(block), f0, t, SR)
+        return dio(block)
 
     seen = []
     one = rvc.in_blocks(dio, x, block_frames=500, context_frames=300, workers=1)
-    two = rvc.in_blocks(lambda block: dio(block, meet=True), x, block_frames=500, context_frames=300, workers=2,
+    two = rvc.in_blocks(meeting_dio, x, block_frames=500, context_frames=300, workers=2,
                         progress=lambda *step: seen.append(step))
     assert np.array_equal(one, two)
     assert seen == [("pitch", k, 5) for k in range(1, 6)]
@@ -205,5 +199,5 @@ def test_blocks_run_concurrently_and_give_the_same_contour_in_the_same_order():
 
 def test_short_inputs_run_in_one_piece():
     x = np.zeros(10 * SR)
-    assert len(rvc.in_blocks(lambda block: np.full(len(block) // rvc.HOP + 1, float(len(block))), x)) == 1001
-    assert set(rvc.in_blocks(lambda block: np.full(len(block) // rvc.HOP + 1, float(len(block))), x)) == {len(x)}
+    seen_lengths = rvc.in_blocks(lambda block: np.full(len(block) // rvc.HOP + 1, float(len(block))), x)
+    assert len(seen_lengths) == 1001 and set(seen_lengths) == {len(x)}

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import rvc_modulator as rvc
-from factories import RMVPE_SIZES, make_rmvpe_file, make_rmvpe_state, rmvpe_shapes
+from factories import RMVPE_SIZES, RunsOnUnpickle, make_rmvpe_file, make_rmvpe_state, rmvpe_shapes
 
 TINY_CONFIG = rvc.RMVPEConfig(n_blocks=1, n_gru=1, kernel_size=(2, 2), en_de_layers=5, inter_layers=4,
                               in_channels=1, en_out_channels=2)
 
 
-def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+def glides_and_bursts(seconds: float, seed: int = 0) -> np.ndarray:
     """16 kHz float32 test signal: gliding harmonic tones, near-silence and noise bursts."""
     rng = np.random.default_rng(seed)
     parts, total = [], 0
@@ -113,7 +113,7 @@ def test_mel_filterbank_equals_librosa():
 
 
 def test_mel_equals_torch_stft_with_centred_frames(tiny):
-    audio = torch.from_numpy(speech_like(1.0))
+    audio = torch.from_numpy(glides_and_bursts(1.0))
     spec = torch.stft(audio, 1024, 160, window=torch.hann_window(1024), center=True, return_complex=True)
     expected = torch.log(torch.clamp(torch.from_numpy(rvc.rmvpe_mel_filterbank()) @ spec.abs(), min=1e-5))
     torch.testing.assert_close(tiny.mel(audio), expected, rtol=0, atol=1e-5)
@@ -121,7 +121,7 @@ def test_mel_equals_torch_stft_with_centred_frames(tiny):
 
 @pytest.mark.parametrize("start, stop", [(0, 64), (32, 96), (400, 480), (560, 601), (0, 601)])
 def test_mel_of_a_frame_range_equals_those_frames_of_the_whole_signal_mel(tiny, start, stop):
-    audio = torch.from_numpy(speech_like(6.0))  # 601 frames; the ranges touch both ends
+    audio = torch.from_numpy(glides_and_bursts(6.0))  # 601 frames; the ranges touch both ends
     torch.testing.assert_close(tiny.mel(audio, start, stop), tiny.mel(audio)[:, start:stop], rtol=0, atol=0)
 
 
@@ -131,7 +131,7 @@ def test_mel_of_a_frame_range_equals_those_frames_of_the_whole_signal_mel(tiny, 
 def test_loader_infers_the_tiny_config_and_f0_has_one_frame_per_hop_plus_one(tiny, n_samples):
     assert tiny.cfg == TINY_CONFIG
     assert not tiny.training and tiny.cnn.weight.dtype == torch.float32
-    assert tiny.f0(speech_like(n_samples / rvc.SAMPLE_RATE)).shape == (1 + n_samples // rvc.HOP,)
+    assert tiny.f0(glides_and_bursts(n_samples / rvc.SAMPLE_RATE)).shape == (1 + n_samples // rvc.HOP,)
 
 
 def test_loader_infers_the_full_config_from_shapes(tmp_path):
@@ -139,13 +139,13 @@ def test_loader_infers_the_full_config_from_shapes(tmp_path):
     assert model.cfg == rvc.RMVPEConfig(n_blocks=4, n_gru=1, kernel_size=(2, 2), en_de_layers=5,
                                         inter_layers=4, in_channels=1, en_out_channels=16)
     assert sum(p.numel() for p in model.state_dict().values()) == 90_472_917
-    assert model.f0(speech_like(0.3)).shape == (1 + 4800 // rvc.HOP,)
+    assert model.f0(glides_and_bursts(0.3)).shape == (1 + 4800 // rvc.HOP,)
 
 
 def test_loader_accepts_files_without_batch_norm_counters(tmp_path, tiny):
     state = {k: v for k, v in make_rmvpe_state("tiny", seed=0).items() if not k.endswith("num_batches_tracked")}
     model = rvc.load_rmvpe(save_state(tmp_path, state))
-    mel = tiny.mel(torch.from_numpy(speech_like(1.0)))
+    mel = tiny.mel(torch.from_numpy(glides_and_bursts(1.0)))
     torch.testing.assert_close(model.salience(mel), tiny.salience(mel), rtol=0, atol=0)
 
 
@@ -189,20 +189,10 @@ def test_a_missing_file_is_reported_as_not_found(tmp_path):
         rvc.load_rmvpe(tmp_path / "nowhere.pt")
 
 
-class _TouchOnUnpickle:
-    """Unpickling this runs Path.touch(marker): a stand-in for arbitrary code in a file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
 @pytest.mark.parametrize("writer", ["torch zip", "torch legacy", "plain pickle"])
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, writer):
     marker = tmp_path / "pwned"
-    payload = {"fc.1.bias": torch.zeros(360), "hook": _TouchOnUnpickle(marker)}
+    payload = {"fc.1.bias": torch.zeros(360), "hook": RunsOnUnpickle(Path.touch, marker)}
     path = tmp_path / "rmvpe.pt"
     if writer == "plain pickle":
         path.write_bytes(pickle.dumps(payload, protocol=2))
@@ -266,7 +256,7 @@ def test_longer_inputs_are_processed_in_chunks_with_context(tiny, monkeypatch):
     lengths = []
     salience = tiny.salience
     monkeypatch.setattr(tiny, "salience", lambda mel: lengths.append(mel.shape[1]) or salience(mel))
-    audio = speech_like(8.0)  # 801 frames
+    audio = glides_and_bursts(8.0)  # 801 frames
     tiny.f0(audio[: 255 * rvc.HOP])  # 256 frames: one piece
     assert lengths == [256]
     lengths.clear()
@@ -279,7 +269,7 @@ def test_chunked_f0_agrees_with_unchunked_f0(tiny):
     # Chunks of 256 frames with 64 frames of context (the default context is 1600):
     # measured no voiced/unvoiced flip and max |Δf0| ~2e-4 Hz (float rounding). Without
     # context the chunk edges flip frames and move f0 by ~0.2 Hz, which this test catches.
-    audio = speech_like(12.0, seed=1)
+    audio = glides_and_bursts(12.0, seed=1)
     whole = tiny.f0(audio)
     chunked = tiny.f0(audio, chunk_frames=256, context_frames=64)
     assert chunked.shape == whole.shape == (1 + len(audio) // rvc.HOP,)
@@ -291,17 +281,17 @@ def test_chunked_f0_agrees_with_unchunked_f0(tiny):
 
 def test_chunk_sizes_must_keep_the_32_frame_grid(tiny):
     with pytest.raises(ValueError):
-        tiny.f0(speech_like(1.0), chunk_frames=100)
+        tiny.f0(glides_and_bursts(1.0), chunk_frames=100)
 
 
 # --- half precision ------------------------------------------------------------
 
 def test_half_precision_net_keeps_a_float32_mel_and_returns_float32_salience(tiny_file):
     model = rvc.load_rmvpe(tiny_file)
-    mel = model.mel(torch.from_numpy(speech_like(1.0)))
+    mel = model.mel(torch.from_numpy(glides_and_bursts(1.0)))
     reference = model.salience(mel)
     model.half()
-    assert model.mel(torch.from_numpy(speech_like(1.0))).dtype == torch.float32
+    assert model.mel(torch.from_numpy(glides_and_bursts(1.0))).dtype == torch.float32
     salience = model.salience(mel)
     assert salience.dtype == torch.float32
     torch.testing.assert_close(salience, reference, rtol=0, atol=2e-3)

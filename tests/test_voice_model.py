@@ -16,7 +16,7 @@ import torch
 
 import rvc_modulator as rvc
 from conftest import snr_db
-from factories import make_voice_model, make_voice_model_file, synth_inputs
+from factories import RunsOnUnpickle, make_voice_model, make_voice_model_file, synth_inputs
 
 FIXTURE_SYNTHS = ["tiny_v1_32k_f0", "tiny_v1_32k_nof0", "tiny_v1_40k_f0", "tiny_v1_48k_f0",
                   "tiny_v2_32k_f0", "tiny_v2_40k_f0", "tiny_v2_40k_nof0", "tiny_v2_48k_f0",
@@ -418,20 +418,10 @@ def test_hubert_checkpoint_is_refused_as_not_a_voice_model(fixtures):
     assert "not a voice model" in message and "fairseq" in message
 
 
-class _RunsCode:
-    """Pickles as a call to os.system: loading it with plain pickle would run a shell command."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def test_pickle_that_would_run_code_is_refused_and_never_runs(model_file, tmp_path):
     marker = tmp_path / "pwned"
     ckpt = model_file[0]
-    ckpt["info"] = _RunsCode(f"touch {shlex.quote(str(marker))}")
+    ckpt["info"] = RunsOnUnpickle(os.system, f"touch {shlex.quote(str(marker))}")
     path = saved(ckpt, tmp_path / "evil.pth")
     assert "unsafe" in refusal(path)
     assert not marker.exists()
