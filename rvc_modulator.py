@@ -61,6 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 
 __version__ = "0.1.0"
 
+
 # =============================================================================
 # 1. Constants
 # =============================================================================
@@ -75,407 +76,11 @@ F0_MAX = 1100.0  # Hz
 F0_MEL_MIN = 1127.0 * math.log(1.0 + F0_MIN / 700.0)  # ~77.755
 F0_MEL_MAX = 1127.0 * math.log(1.0 + F0_MAX / 700.0)  # ~1064.408
 F0_COARSE_BINS = 256  # coarse pitch in 1..255; 1 means unvoiced
-
-# =============================================================================
-# 2. CLI
-# =============================================================================
-
-MODELS_DIR_ENV, HUBERT_ENV, RMVPE_ENV = "RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE"
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "models"
-VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
-HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
-DEVICES_HELP = "auto|cpu|cuda|cuda:N"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a terminal
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total), stage "pitch" or "segment"
 
-# Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
-RANGES: dict[str, tuple[type, float, float]] = {
-    "f0_up_key": (int, -48, 48),  # semitones; four octaves either way
-    "index_rate": (float, 0.0, 1.0),
-    "filter_radius": (int, 0, 7),
-    "rms_mix_rate": (float, 0.0, 1.0),
-    "protect": (float, 0.0, 0.5),
-    "resample_sr": (int, 8000, 192000),  # or 0: keep the model's rate
-    "speaker_id": (int, 0, 2**31 - 1),
-    "seed": (int, 0, 2**63 - 1),
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as a UsageError (one line, our exit code)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def _ranged(name: str) -> Callable[[str], Any]:
-    kind, low, high = RANGES[name]
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if name == "resample_sr" and value == 0:
-            return value
-        if not (low <= value <= high) or (kind is float and not math.isfinite(value)):
-            allowed = f"0 or {low}..{high}" if name == "resample_sr" else f"{low}..{high}"
-            raise argparse.ArgumentTypeError(f"must be in {allowed}, got {text}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False,
-                     description="Convert the voice in a recording to the voice of an RVC model.",
-                     epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
-                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
-
-    defaults = ConversionParams()  # the WebUI's defaults, stated once (section 9)
-
-    def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
-        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
-
-    parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present)")
-    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg")
-    parser.add_argument("model", nargs="?", help="voice model name: <models_dir>/rvc/MODEL.pth")
-    option("index_name", metavar="NAME", help="feature index name: <models_dir>/rvc/NAME.index")
-    option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
-    option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
-                                          f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
-    option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
-    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
-           help="transpose by N semitones (default %(default)s)")
-    option("f0_method", choices=F0_METHODS, default=None,
-           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest)")
-    option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
-           help=f"share of retrieved features, 0..1 (default {defaults.index_rate}; needs --index_name)")
-    option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
-           help="harvest: median-filter the pitch when >= 3 (default %(default)s)")
-    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=defaults.rms_mix_rate, metavar="R",
-           help="0: output loudness follows the input, 1: the model's own (default %(default)s)")
-    option("protect", type=_ranged("protect"), default=defaults.protect, metavar="P",
-           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default %(default)s)")
-    option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
-           help="output sample rate; 0 keeps the model's (default %(default)s)")
-    option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=defaults.speaker_id, metavar="N",
-           help="speaker of a multi-speaker model (default %(default)s)")
-    option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
-    option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
-    option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
-    option("no_noise", action="store_true", help="switch the synthesizer's random terms off (deterministic)")
-    option("interp_unvoiced", action="store_true",
-           help="fill unvoiced pitch from its neighbours (2026 WebUI; protect then has no effect)")
-    option("json", action="store_true", help="print exactly one JSON object on stdout")
-    option("check", action="store_true", help="check that everything a conversion needs is usable; convert nothing")
-    option("list_models", action="store_true", help="list the voice models in the models folder")
-    option("info", metavar="MODEL", help="describe one voice model")
-    option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
-    option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
-    parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
-    return parser
-
-
-def check_name(name: str, option: str, suffix: str) -> str:
-    """MODEL and --index_name are base names inside the models folder, never paths."""
-    if name.endswith(suffix):
-        name = name[: -len(suffix)]
-    bad = (not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".")
-           or ".." in name or (os.altsep is not None and os.altsep in name))
-    if bad:
-        raise UsageError(f"{option} must be a plain name inside the models folder, not a path: {name!r}", option)
-    return name
-
-
-@dataclass
-class Paths:
-    """Where every file of a run is, resolved from options, environment and defaults."""
-
-    models_dir: Path
-    model: Path | None = None
-    index: Path | None = None
-    hubert: Path | None = None
-    rmvpe: Path | None = None
-
-    @classmethod
-    def resolve(cls, args: argparse.Namespace) -> "Paths":
-        models_dir = Path(args.models_dir or os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR)
-        paths = cls(models_dir)
-        hubert = args.hubert or os.environ.get(HUBERT_ENV)
-        if hubert:
-            paths.hubert = Path(hubert)
-        else:
-            file, folder = models_dir / HUBERT_FILE, models_dir / HUBERT_FOLDER
-            paths.hubert = folder if folder.is_dir() and not file.exists() else file
-        paths.rmvpe = Path(args.rmvpe or os.environ.get(RMVPE_ENV) or models_dir / RMVPE_FILE)
-        return paths
-
-    def voice_model(self, name: str, option: str = "MODEL") -> Path:
-        path = self.models_dir / VOICE_SUBDIR / f"{check_name(name, option, '.pth')}.pth"
-        if not path.is_file():
-            raise NotFoundError("voice model not found", path)
-        return path
-
-    def feature_index(self, name: str) -> Path:
-        name = check_name(name, "--index_name", ".index")
-        path = self.models_dir / VOICE_SUBDIR / f"{name}.index"
-        if "trained" in name:  # users often pick the trained_*.index, which holds no vectors (§5.1)
-            added = path.with_name(f"{name.replace('trained', 'added')}.index")
-            if added.is_file():
-                warn(f"using {added.name} instead of {path.name} (a trained_*.index holds no vectors)")
-                path = added
-        if not path.is_file():
-            raise NotFoundError("index file not found", path)
-        return path
-
-
-def resolve_device(spec: str, precision: str) -> tuple[torch.device, torch.dtype]:
-    """--device and --precision to a torch device and dtype, checking both are usable."""
-    if spec == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif spec == "cpu" or re.fullmatch(r"cuda(:\d+)?", spec):
-        device = torch.device(spec)
-    else:
-        raise UsageError(f"--device must be {DEVICES_HELP}, got {spec!r}", "--device")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("no CUDA GPU is visible to torch", "--device")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"there is no {spec}; torch sees {torch.cuda.device_count()} GPU(s)", "--device")
-    if precision == "auto":
-        return device, torch.float16 if device.type == "cuda" else torch.float32
-    if precision == "fp16" and device.type == "cpu":
-        raise UsageError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU", "--precision")
-    return device, PRECISIONS[precision]
-
-
-def choose_f0_method(requested: str | None, rmvpe_path: Path) -> str:
-    """rmvpe by default when its weights are there, harvest otherwise."""
-    if requested is None:
-        return "rmvpe" if rmvpe_path.is_file() else "harvest"
-    if requested in F0_OPTIONAL_PACKAGES:
-        _import_optional(requested)
-    elif requested == "rmvpe" and not rmvpe_path.is_file():
-        raise NotFoundError("--f0_method rmvpe needs the RMVPE weights (rmvpe.pt); not found", rmvpe_path)
-    return requested
-
-
-@dataclass
-class Run:
-    """One invocation: parsed options, resolved paths, and what --json reports."""
-
-    args: argparse.Namespace
-    paths: Paths
-    report: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    def say(self, message: str) -> None:
-        """Information for a person at a terminal: stderr, silenced by --quiet."""
-        if not self.args.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    def detail(self, message: str) -> None:
-        if self.args.verbose and not self.args.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-
-def _model_summary(voice: "VoiceModel", name: str) -> dict:
-    return {"name": name, "version": voice.version, "sample_rate": voice.sample_rate, "f0": voice.has_f0,
-            "speakers": voice.n_speakers, "info": voice.info, **{k: v for k, v in voice.metadata.items()
-                                                                   if k not in ("version", "sample_rate", "f0")}}
-
-
-def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
-    """Index files that belong to a model, by the WebUI's naming rules (§6.2)."""
-    exp = re.sub(r"_e\d+_s\d+$", "", model_name)
-    return sorted(n for n in index_names if "trained" not in n and (
-        n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
-
-
-def list_models(run: Run) -> int:
-    folder = run.paths.models_dir / VOICE_SUBDIR
-    if not folder.is_dir():
-        raise NotFoundError("no voice model folder", folder)
-    indexes = [p.stem for p in folder.glob("*.index")]
-    models = []
-    for path in sorted(folder.glob("*.pth")):
-        try:
-            entry = _model_summary(load_voice_model(path), path.stem)
-        except RVCError as exc:
-            entry = {"name": path.stem, "error": str(exc)}
-        entry["indexes"] = matching_indexes(path.stem, indexes)
-        models.append(entry)
-    run.report.update(models_dir=str(run.paths.models_dir), models=models)
-    if not run.args.json:
-        for m in models:
-            if "error" in m:
-                print(f"{m['name']}\tunusable: {m['error']}")
-            else:
-                print(f"{m['name']}\t{m['version']}\t{m['sample_rate']} Hz\t{'f0' if m['f0'] else 'no-f0'}\t"
-                      f"{m['speakers']} speaker(s)\tindex: {', '.join(m['indexes']) or '-'}")
-    return EXIT_OK
-
-
-def model_info(run: Run) -> int:
-    path = run.paths.voice_model(run.args.info, "--info")
-    folder = path.parent
-    entry = _model_summary(load_voice_model(path), path.stem)
-    entry["indexes"] = matching_indexes(path.stem, [p.stem for p in folder.glob("*.index")])
-    entry["path"] = str(path)
-    run.report["model"] = entry
-    if not run.args.json:
-        for key, value in entry.items():
-            print(f"{key}: {value}")
-    return EXIT_OK
-
-
-def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
-    """Everything before the conversion itself: also the whole of --check."""
-    args, paths = run.args, run.paths
-    if not (args.input and args.output and args.model):
-        raise UsageError("INPUT, OUTPUT and MODEL are required")
-    model_path = paths.voice_model(args.model)
-    index_path = paths.feature_index(args.index_name) if args.index_name else None
-    output = Path(args.output)
-    check_output_writable(output)
-    device, dtype = resolve_device(args.device, args.precision)
-    audio = read_input_audio(Path(args.input))
-
-    timings = Timings()
-    start = time.perf_counter()
-    voice = load_voice_model(model_path)
-    if args.speaker_id >= voice.n_speakers:
-        raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
-                         "--speaker_id")
-    method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
-    if index_path is None and args.index_rate is not None:
-        warn("--index_rate has no effect without --index_name")
-    index = load_index(index_path, voice.phone_dim) if index_path else None
-    hubert = load_hubert(paths.hubert)
-    rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
-    timings.load = time.perf_counter() - start
-    run.detail(f"loaded models in {timings.load:.2f} s")
-
-    params = ConversionParams(
-        f0_up_key=args.f0_up_key, f0_method=method or "none",
-        index_rate=ConversionParams.index_rate if args.index_rate is None else args.index_rate,
-        filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
-        resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
-        interp_unvoiced=args.interp_unvoiced)
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype)
-    run.report.update(
-        output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
-        model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
-        f0_method=method, device=str(device), precision=next(k for k, v in PRECISIONS.items() if v == dtype),
-        input_duration=round(audio.duration, 6), timings=timings)
-    return converter, audio, params
-
-
-def convert(run: Run) -> int:
-    converter, audio, params = prepare(run)
-    if run.args.check:
-        run.report["check"] = "ok"
-        run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
-        return EXIT_OK
-    timings: Timings = run.report["timings"]
-    long_input = audio.duration >= PROGRESS_MIN_SECONDS and sys.stderr.isatty() and not run.args.quiet
-
-    def progress(stage: str, done: int, total: int) -> None:
-        print(f"\rconverting: {stage} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    try:
-        samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
-    except (RuntimeError, MemoryError) as exc:
-        raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
-    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=_begin_commit)
-    total = time.perf_counter() - run.started
-    run.report.update(sample_rate=rate, output_duration=round(len(samples) / rate, 6))
-    run.say(f"wrote {run.args.output}: {len(samples) / rate:.2f} s at {rate} Hz in {total:.1f} s "
-            f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
-    return EXIT_OK
-
-
-_COMMITTING = False  # set once the output is being renamed into place: too late to stop
-
-
-def _begin_commit() -> None:
-    global _COMMITTING
-    _COMMITTING = True
-
-
-_SIGNAL_RECEIVED: list[str] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
-    swallows), so every cleanup on the way out runs and no partial output remains."""
-    if not _COMMITTING:
-        _SIGNAL_RECEIVED.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt
-
-
-def _emit_json(run: Run | None, code: int, error: RVCError | None) -> None:
-    report: dict[str, Any] = {"ok": code == EXIT_OK, "exit_code": code}
-    if run is not None:
-        report.update(run.report)
-        if isinstance(report.get("timings"), Timings):
-            t: Timings = report["timings"]
-            report["timings"] = {"load": t.load, "f0": t.f0, "features": t.features, "synthesis": t.synthesis,
-                                 "total": time.perf_counter() - run.started}
-    if error is not None:
-        report.update(error=error.kind, message=str(error))
-    report["warnings"] = list(WARNINGS)
-    print(json.dumps(report, default=str), flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    want_json = "--json" in argv
-    verbose = "--verbose" in argv
-    run: Run | None = None
-    error: RVCError | None = None
-    if not verbose:  # stderr is an API: libraries' own warnings (deprecations, ...) stay off it
-        import warnings
-
-        warnings.simplefilter("ignore")
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        args = build_parser().parse_args(argv)
-        run = Run(args, Paths.resolve(args))
-        if args.list_models:
-            code = list_models(run)
-        elif args.info:
-            code = model_info(run)
-        else:
-            code = convert(run)
-    except RVCError as exc:
-        error, code = exc, exc.exit_code
-    except KeyboardInterrupt:
-        error = Interrupted(f"interrupted by {_SIGNAL_RECEIVED[-1] if _SIGNAL_RECEIVED else 'SIGINT'}")
-        code = error.exit_code
-    except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
-        error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
-        code = EXIT_INTERNAL
-        if not verbose:
-            error.message += " (run with --verbose for the traceback)"
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if error is not None:
-        if verbose:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if want_json:
-        _emit_json(run, code, error)
-    return code
 
 # =============================================================================
-# 3. Errors
+# 2. Errors and warnings
 # =============================================================================
 
 # Exit codes are part of the interface (a Go service reads them); README.md documents
@@ -534,6 +139,11 @@ class Interrupted(RVCError):
     exit_code, kind = EXIT_INTERRUPTED, "interrupted"
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 WARNINGS: list[str] = []  # every warning of this run, also reported by --json
 
 
@@ -544,7 +154,7 @@ def warn(message: str) -> None:
 
 
 # =============================================================================
-# 4. Audio I/O
+# 3. Audio I/O
 # =============================================================================
 
 # Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
@@ -589,11 +199,6 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
             raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
         data = np.atleast_2d(data).T  # librosa gives (channels, frames)
         return np.ascontiguousarray(data, dtype=np.float32), int(rate)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -712,8 +317,9 @@ def write_audio_atomic(path: Path, samples: np.ndarray, sample_rate: int,
             raise OutputError(f"cannot write the output ({exc.strerror or exc})", path) from exc
         raise
 
+
 # =============================================================================
-# 5. Weight loading
+# 4. Weight loading
 # =============================================================================
 
 # Model files are untrusted input. Everything goes through torch's weights-only
@@ -742,14 +348,6 @@ def _standin_for(qualified_name: str) -> tuple[type, str]:
     return cls, qualified_name
 
 
-def _pickled_globals(path: Path) -> list[str]:
-    """The globals a torch checkpoint names beyond torch's own allow-list (no code runs)."""
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception as exc:  # not a zip checkpoint: legacy format, or not torch at all
-        raise _describe_load_failure(path, exc) from exc
-
-
 def _describe_load_failure(path: Path, exc: BaseException) -> ModelFileError:
     text = str(exc)
     refused = ("unsupported global", "unrecognized function", "allowlisted", "is blocked")
@@ -758,6 +356,14 @@ def _describe_load_failure(path: Path, exc: BaseException) -> ModelFileError:
     if isinstance(exc, (EOFError,)) or "failed finding central directory" in text or "truncated" in text.lower():
         return ModelFileError("corrupt or truncated file", path)
     return ModelFileError(f"not a readable PyTorch weights file ({type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'})", path)
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals a torch checkpoint names beyond torch's own allow-list (no code runs)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception as exc:  # not a zip checkpoint: legacy format, or not torch at all
+        raise _describe_load_failure(path, exc) from exc
 
 
 def load_torch_file(path: Path, *, allow_standins: bool = False) -> Any:
@@ -856,242 +462,9 @@ def load_checked(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
     return module.eval()
 
 
-# -----------------------------------------------------------------------------
-# 5a. Voice models (.pth)
-# -----------------------------------------------------------------------------
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(key, str) for key in obj)
 
-# A voice model file (§1) is a dict: `weight` (the synthesizer's state dict without the
-# training-only posterior encoder enc_q, usually fp16, weight norm as weight_g/weight_v
-# pairs), `config` (18 constructor arguments), `info`, `sr`, `f0`, `version`, plus extra
-# keys from forks such as Applio. The architecture is read from the tensors themselves
-# (phone dim, pitch embedding, speaker table); `version`/`f0` only get a warning when they
-# disagree. Training checkpoints (G_*.pth) are refused rather than extracted on the fly:
-# they carry no config, and guessing the upsample rates from shapes would be fragile.
-
-PHONE_DIM_VERSIONS = {256: "v1", 768: "v2"}  # content feature size -> model version
-SUPPORTED_VOCODER = "HiFi-GAN"  # Applio's name for RVC's own (NSF-)HiFi-GAN decoder
-# Tensor-name prefixes of Applio's other decoders, which this file does not implement.
-FOREIGN_DECODER_PREFIXES = {
-    "MRF HiFi-GAN": ("dec.upsamples.", "dec.mrfs."),
-    "RefineGAN": ("dec.downsample_blocks.", "dec.upsample_blocks.", "dec.pre_conv.", "dec.mel_conv."),
-}
-# Extra keys Applio writes (§1.2); reported as metadata when present.
-APPLIO_METADATA_KEYS = ("epoch", "step", "creation_date", "model_hash", "dataset_length", "model_name",
-                        "author", "embedder_model", "speakers_id", "vocoder")
-CONTENTVEC_EMBEDDERS = (None, "contentvec")  # what hubert_base.pt is
-
-
-@dataclass
-class VoiceModel:
-    """A loaded RVC voice model: the synthesizer (fp32, eval mode) and facts about it."""
-
-    path: Path
-    net: Synthesizer
-    version: str  # "v1" (256-d content features) or "v2" (768-d)
-    sample_rate: int  # Hz of the synthesized audio
-    has_f0: bool  # pitch model (NSF decoder) or not
-    n_speakers: int
-    phone_dim: int
-    info: str
-    metadata: dict = field(default_factory=dict)  # JSON-serialisable facts for --info
-
-    @property
-    def hop(self) -> int:
-        """Output samples per 10 ms content frame."""
-        return self.net.hop
-
-
-def load_voice_model(path: Path) -> VoiceModel:
-    """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
-    path = Path(path)
-    ckpt = _read_voice_checkpoint(path)
-    weight = ckpt["weight"]
-    _refuse_foreign_decoder(ckpt, weight, path)
-    try:
-        cfg = SynthConfig.from_list(ckpt.get("config"))
-    except ValueError as exc:
-        raise ModelFileError(f"bad 'config' in voice model: {exc}", path) from exc
-
-    phone_dim = _matrix(weight, "enc_p.emb_phone.weight", path).shape[1]
-    if phone_dim not in PHONE_DIM_VERSIONS:
-        raise ModelFileError(f"unsupported content feature size {phone_dim} (enc_p.emb_phone.weight): "
-                             "expected 256 (v1) or 768 (v2)", path)
-    version = PHONE_DIM_VERSIONS[phone_dim]
-    has_f0 = "enc_p.emb_pitch.weight" in weight
-    n_speakers = _matrix(weight, "emb_g.weight", path).shape[0]  # config[15] is stale: upstream rule
-    _warn_on_disagreement(ckpt, version, has_f0, path)
-
-    try:
-        state = fold_weight_norm(weight)
-    except KeyError as exc:
-        raise ModelFileError(f"missing tensor {exc.args[0]!r} (other half of a weight-norm pair)", path) from exc
-    net = load_checked(lambda: Synthesizer(cfg, phone_dim, has_f0, n_speakers), state, path,
-                       ignore=[k for k in state if k.startswith("enc_q.")])
-    for key, value in net.state_dict().items():
-        if not _all_finite(value):
-            raise ModelFileError(f"tensor {key!r} has non-finite values (NaN or infinity)", path)
-
-    info = ckpt.get("info")
-    info = "" if info is None else str(info)
-    metadata = {
-        "version": version, "sample_rate": cfg.sample_rate, "sr": _json_safe(ckpt.get("sr")),
-        "f0": has_f0, "speakers": n_speakers, "phone_dim": phone_dim, "hop": cfg.hop,
-        "upsample_rates": list(cfg.upsample_rates), "info": info,
-        "parameters": sum(p.numel() for p in net.parameters()), "tensors": len(weight),
-        "weights_dtype": ",".join(sorted({str(v.dtype).removeprefix("torch.") for v in weight.values()})),
-    }
-    metadata.update({key: _json_safe(ckpt[key]) for key in APPLIO_METADATA_KEYS if key in ckpt})
-    return VoiceModel(path, net, version, cfg.sample_rate, has_f0, n_speakers, phone_dim, info, metadata)
-
-
-def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
-    """The file's dict, once it is known to hold a voice model's `weight` dict of tensors."""
-    try:
-        ckpt = load_torch_file(path)
-    except ModelFileError as exc:
-        if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
-            raise ModelFileError("not a voice model: this is a fairseq checkpoint "
-                                 "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
-        raise
-    if not isinstance(ckpt, Mapping):
-        raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)
-    if "weight" not in ckpt:
-        model = ckpt.get("model")
-        keys = [str(k) for k in (model if isinstance(model, Mapping) else ckpt)]
-        if any(k.startswith("discriminators.") for k in keys):
-            raise ModelFileError("discriminator checkpoint (D_*.pth), not a voice model", path)
-        if any(k.startswith(("enc_p.", "flow.", "dec.")) for k in keys):
-            raise ModelFileError("this is a training checkpoint (G_*.pth), not a voice model; extract a "
-                                 "small model first (WebUI: ckpt processing -> extract)", path)
-        raise ModelFileError(f"not a voice model: it has no 'weight' state dict{_guess_contents(keys)}", path)
-    weight = ckpt["weight"]
-    if not isinstance(weight, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weight.items()):
-        raise ModelFileError("not a voice model: 'weight' is not a dict of named tensors", path)
-    return ckpt
-
-
-def _is_fairseq_checkpoint(path: Path) -> bool:
-    try:
-        return any(name.startswith("fairseq.") for name in _pickled_globals(path))
-    except ModelFileError:
-        return False
-
-
-def _guess_contents(keys: Sequence[str]) -> str:
-    """A hint at what a non-voice-model file is, from its (state-dict) keys."""
-    if any(k.startswith(("unet.", "cnn.", "fc.")) for k in keys):
-        return " (it looks like an RMVPE pitch model)"
-    if any("feature_extractor" in k or "encoder.layers." in k for k in keys):
-        return " (it looks like a HuBERT content encoder)"
-    shown = ", ".join(repr(k) for k in sorted(keys)[:5])
-    return f" (its keys: {shown}{', ...' if len(keys) > 5 else ''})" if keys else " (it is empty)"
-
-
-def _refuse_foreign_decoder(ckpt: Mapping[str, Any], weight: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Applio's MRF HiFi-GAN and RefineGAN decoders: by the `vocoder` key or by their tensors."""
-    vocoder = ckpt.get("vocoder")
-    if vocoder not in (None, SUPPORTED_VOCODER):
-        raise ModelFileError(f"unsupported vocoder {vocoder!r} (an Applio decoder); only RVC's "
-                             f"{SUPPORTED_VOCODER}/NSF decoder is implemented", path)
-    for name, prefixes in FOREIGN_DECODER_PREFIXES.items():
-        if any(key.startswith(prefixes) for key in weight):
-            raise ModelFileError(f"unsupported vocoder: its decoder tensors are those of Applio's {name}; "
-                                 f"only RVC's {SUPPORTED_VOCODER}/NSF decoder is implemented", path)
-    source = weight.get("dec.m_source.l_linear.weight")
-    if source is not None and source.shape[-1] != 1:
-        raise ModelFileError(f"unsupported vocoder: its sine source has {source.shape[-1]} harmonics "
-                             "(Applio's MRF HiFi-GAN?); only RVC's single-sine NSF decoder is implemented", path)
-
-
-def _matrix(weight: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
-    if key not in weight:
-        raise ModelFileError(f"missing tensor {key!r}", path)
-    if weight[key].dim() != 2:
-        raise ModelFileError(f"tensor {key!r} has shape {list(weight[key].shape)}, expected a matrix", path)
-    return weight[key]
-
-
-def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, path: Path) -> None:
-    """The weights decide; a contradicting `version`/`f0` key is worth a warning, and so is an
-    embedder other than ContentVec (the content encoder must match the one used in training)."""
-    declared = ckpt.get("version")
-    if declared is not None and declared != version:
-        warn(f"{path.name}: the file says version {declared!r}, but its weights take "
-             f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
-    f0 = ckpt.get("f0")
-    if f0 is not None and (str(f0).lower() in ("1", "true")) != has_f0:  # 1/0 (WebUI), True/False (Applio)
-        warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
-             f"{'with' if has_f0 else 'without'} pitch; using them as such")
-    embedder = ckpt.get("embedder_model")
-    if embedder not in CONTENTVEC_EMBEDDERS:
-        warn(f"{path.name}: this model was trained with the {embedder!r} content encoder; "
-             "it needs that encoder's HuBERT weights, ContentVec (hubert_base.pt) will sound poor")
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or infinity. A finite sum proves it without a temporary the size of the tensor;
-    a non-finite sum is confirmed element-wise (it could also be an overflow)."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return str(value)
-
-
-# -----------------------------------------------------------------------------
-# 5b. HuBERT (fairseq hubert_base.pt or a transformers folder)
-# -----------------------------------------------------------------------------
-
-# Two layouts hold the same weights (§3.4, §3.5): a fairseq checkpoint file
-# (hubert_base.pt: pickled dict with `cfg` and an fp16 `model`) and a transformers folder
-# (config.json + model.safetensors or pytorch_model.bin). HubertEncoder uses transformers'
-# tensor names; fairseq names are renamed on load, and errors name keys as the file does.
-
-# (fairseq prefix, our prefix); "{}" stands for a layer index.
-HUBERT_FAIRSEQ_NAMES = (
-    ("feature_extractor.conv_layers.{}.0.", "feature_extractor.conv_layers.{}.conv."),
-    ("feature_extractor.conv_layers.0.2.", "feature_extractor.conv_layers.0.layer_norm."),
-    ("layer_norm.", "feature_projection.layer_norm."),
-    ("post_extract_proj.", "feature_projection.projection."),
-    ("encoder.pos_conv.0.", "encoder.pos_conv_embed.conv."),
-    ("encoder.layers.{}.self_attn.", "encoder.layers.{}.attention."),
-    ("encoder.layers.{}.self_attn_layer_norm.", "encoder.layers.{}.layer_norm."),
-    ("encoder.layers.{}.fc1.", "encoder.layers.{}.feed_forward.intermediate_dense."),
-    ("encoder.layers.{}.fc2.", "encoder.layers.{}.feed_forward.output_dense."),
-)
-# Tensors only pre-training uses: fairseq's mask embedding, label embeddings and target
-# GLU, transformers' SpecAugment embedding.
-HUBERT_UNUSED_KEYS = re.compile(r"mask_emb|label_embs_concat|masked_spec_embed|target_glu\..*")
-HUBERT_POS_CONV = "encoder.pos_conv_embed.conv"
-HUBERT_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
-MAX_CONV_LAYERS = 64  # hubert_base has 7; the bound keeps "[(1, 1, 1)] * 10**9" harmless
-MAX_CONV_SPEC_CHARS = 1000
-
-# Configuration values other than these select architectures not implemented here:
-# (key, value when absent, the supported value, what another value means).
-HUBERT_FAIRSEQ_REQUIRED = (
-    ("extractor_mode", "default", "default", "a layer-norm feature extractor"),
-    ("layer_norm_first", False, False, "a pre-LN transformer"),
-    ("conv_bias", False, False, "convolution biases in the feature extractor"),
-    ("activation_fn", "gelu", "gelu", "another activation"),
-    ("layer_type", "transformer", "transformer", "conformer layers"),
-    ("pos_conv_depth", 1, 1, "a multi-layer positional convolution"),
-)
-HUBERT_TRANSFORMERS_REQUIRED = (
-    ("model_type", "hubert", "hubert", "not a HuBERT model"),
-    ("feat_extract_norm", "group", "group", "a layer-norm feature extractor"),
-    ("do_stable_layer_norm", False, False, "a pre-LN transformer"),
-    ("conv_bias", False, False, "convolution biases in the feature extractor"),
-    ("feat_extract_activation", "gelu", "gelu", "another activation"),
-    ("hidden_act", "gelu", "gelu", "another activation"),
-    ("feat_proj_layer_norm", True, True, "no layer norm before the feature projection"),
-    ("conv_pos_batch_norm", False, False, "a batch-normed positional convolution"),
-)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -1099,189 +472,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # bytes; the format's own limit
-
-
-def load_hubert(path: Path) -> HubertEncoder:
-    """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", path)
-    fairseq = not path.is_dir()
-    if fairseq:
-        config, state = _read_hubert_fairseq(path)
-        state = {_rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=True): value for key, value in state.items()}
-        weights_path = path
-    else:
-        config, state, weights_path = _read_hubert_folder(path)
-
-    def file_name(key: str) -> str:  # our tensor name as the file spells it
-        return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
-
-    state = _fold_pos_conv(state, config, weights_path, file_name)
-    return load_checked(lambda: HubertEncoder(config), state, weights_path,
-                        ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], spell=file_name)
-
-
-def _rename_prefix(key: str, names: Sequence[tuple[str, str]], to_ours: bool) -> str:
-    for theirs, ours in names:
-        old, new = (theirs, ours) if to_ours else (ours, theirs)
-        pattern = "^" + r"(\d+)".join(re.escape(part) for part in old.split("{}"))
-        renamed, count = re.subn(pattern, new.replace("{}", r"\1"), key, count=1)
-        if count:
-            return renamed
-    return key
-
-
-def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: Path,
-                   file_name: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    """Fold the positional conv's weight norm (over dim 2: one g per kernel tap) into its
-    weight, after checking g and v: a g of another shape would broadcast silently."""
-    shapes = (1, 1, config.pos_kernel), (config.hidden, config.hidden // config.pos_groups, config.pos_kernel)
-    for suffixes in _WEIGHT_NORM_SUFFIXES:
-        for suffix, shape in zip(suffixes, shapes):
-            tensor = state.get(HUBERT_POS_CONV + suffix)
-            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != shape:
-                raise ModelFileError(f"tensor {file_name(HUBERT_POS_CONV + suffix)!r} has shape "
-                                     f"{list(tensor.shape)}, expected {list(shape)}", path)
-    try:
-        return fold_weight_norm(state, dim=2)
-    except KeyError as exc:  # a g without its v
-        raise ModelFileError(f"missing tensor {file_name(exc.args[0])!r}", path) from None
-    except (AttributeError, TypeError):  # g or v is not a tensor
-        raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
-
-
-# --- fairseq checkpoint ------------------------------------------------------
-
-def _read_hubert_fairseq(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor]]:
-    """Only `cfg["model"]` (or the old `args`) and `model` are read; fairseq's Dictionary
-    and the training state become inert stand-ins that nothing touches."""
-    checkpoint = load_torch_file(path, allow_standins=True)
-    if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
-        raise ModelFileError("not a fairseq HuBERT checkpoint (no 'model' state dict)", path)
-    cfg = checkpoint.get("cfg")
-    if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
-        model_cfg = cfg["model"]
-    else:  # pre-hydra fairseq: an argparse.Namespace, here a stand-in holding its __dict__
-        model_cfg = getattr(checkpoint.get("args"), "_state", None)
-        if not isinstance(model_cfg, Mapping):
-            raise ModelFileError("fairseq checkpoint without a model configuration (no cfg['model'] or args)", path)
-    return hubert_config_from_fairseq(model_cfg, path), checkpoint["model"]
-
-
-def hubert_config_from_fairseq(cfg: Mapping[str, Any], path: Path) -> HubertConfig:
-    """HubertConfig from fairseq's cfg["model"]; absent keys take fairseq's defaults."""
-    _require_supported(cfg, HUBERT_FAIRSEQ_REQUIRED, path)
-    spec = cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")
-    try:
-        conv_layers = parse_conv_feature_layers(spec)
-    except ValueError as exc:
-        raise ModelFileError(f"cannot read conv_feature_layers {str(spec)[:80]!r}: {exc}", path) from None
-    hidden = _config_int(cfg, "encoder_embed_dim", 768, path)
-    final_dim = _config_int(cfg, "final_dim", 0, path, minimum=0) or hidden  # fairseq: 0 = hidden
-    return _checked_config(HubertConfig(
-        hidden=hidden,
-        layers=_config_int(cfg, "encoder_layers", 12, path),
-        heads=_config_int(cfg, "encoder_attention_heads", 12, path),
-        ffn=_config_int(cfg, "encoder_ffn_embed_dim", 3072, path),
-        conv_layers=conv_layers,
-        pos_kernel=_config_int(cfg, "conv_pos", 128, path),
-        pos_groups=_config_int(cfg, "conv_pos_groups", 16, path),
-        final_dim=final_dim,
-    ), path)
-
-
-def parse_conv_feature_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
-    """fairseq's conv_feature_layers, e.g. "[(512,10,5)] + [(512,3,2)] * 4", read without
-    eval: list displays of (channels, kernel, stride) int tuples joined by + and * int."""
-    if not isinstance(spec, str) or len(spec) > MAX_CONV_SPEC_CHARS:
-        raise ValueError("not a short string")
-    try:
-        tree = ast.parse(spec, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise ValueError("not a Python list expression") from None
-
-    def count(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and type(node.value) is int and node.value > 0:
-            return node.value
-        raise ValueError(f"expected a positive integer, found {ast.unparse(node)[:40]!r}")
-
-    def conv_layer(node: ast.AST) -> tuple[int, int, int]:
-        if not isinstance(node, ast.Tuple) or len(node.elts) != 3:
-            raise ValueError(f"expected a (channels, kernel, stride) tuple, found {ast.unparse(node)[:40]!r}")
-        return tuple(count(element) for element in node.elts)
-
-    def layers(node: ast.AST) -> list[tuple[int, int, int]]:
-        if isinstance(node, ast.List):
-            result = [conv_layer(element) for element in node.elts]
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            result = layers(node.left) + layers(node.right)
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-            items, times = (node.left, node.right) if isinstance(node.right, ast.Constant) else (node.right, node.left)
-            result, times = layers(items), count(times)
-            if len(result) * times > MAX_CONV_LAYERS:
-                raise ValueError(f"more than {MAX_CONV_LAYERS} conv layers")
-            result = result * times
-        else:
-            raise ValueError(f"unexpected {ast.unparse(node)[:40]!r}")
-        if len(result) > MAX_CONV_LAYERS:
-            raise ValueError(f"more than {MAX_CONV_LAYERS} conv layers")
-        return result
-
-    result = layers(tree)
-    if not result:
-        raise ValueError("no conv layers")
-    return tuple(result)
-
-
-# --- transformers folder -----------------------------------------------------
-
-def _read_hubert_folder(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor], Path]:
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelFileError("HuBERT folder has no config.json", path)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"unreadable config.json ({exc})", config_path) from None
-    if not isinstance(config, dict):
-        raise ModelFileError("config.json is not a JSON object", config_path)
-    weights = next((path / name for name in HUBERT_WEIGHTS_FILES if (path / name).is_file()), None)
-    if weights is None:
-        raise ModelFileError(f"HuBERT folder has no weights ({' or '.join(HUBERT_WEIGHTS_FILES)})", path)
-    hubert_config = hubert_config_from_transformers(config, config_path)
-    state = read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
-    if not _is_state_dict(state):
-        raise ModelFileError("not a state dict (a mapping of tensor names)", weights)
-    return hubert_config, state, weights
-
-
-def hubert_config_from_transformers(cfg: Mapping[str, Any], path: Path) -> HubertConfig:
-    """HubertConfig from a transformers config.json; absent keys take HubertConfig's defaults."""
-    _require_supported(cfg, HUBERT_TRANSFORMERS_REQUIRED, path)
-    default = HubertConfig()
-    columns = [cfg.get(key, [layer[i] for layer in default.conv_layers])
-               for i, key in enumerate(("conv_dim", "conv_kernel", "conv_stride"))]
-    if not all(isinstance(c, list) and 0 < len(c) <= MAX_CONV_LAYERS for c in columns) \
-            or len({len(c) for c in columns}) != 1:
-        raise ModelFileError("conv_dim, conv_kernel and conv_stride must be lists of equal length", path)
-    conv_layers = tuple(zip(*columns))
-    if not all(type(v) is int and v > 0 for layer in conv_layers for v in layer):
-        raise ModelFileError("conv_dim, conv_kernel and conv_stride must hold positive integers", path)
-    eps = cfg.get("layer_norm_eps", default.eps)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
-        raise ModelFileError(f"invalid layer_norm_eps {eps!r}", path)
-    return _checked_config(HubertConfig(
-        hidden=_config_int(cfg, "hidden_size", default.hidden, path),
-        layers=_config_int(cfg, "num_hidden_layers", default.layers, path),
-        heads=_config_int(cfg, "num_attention_heads", default.heads, path),
-        ffn=_config_int(cfg, "intermediate_size", default.ffn, path),
-        conv_layers=conv_layers,
-        pos_kernel=_config_int(cfg, "num_conv_pos_embeddings", default.pos_kernel, path),
-        pos_groups=_config_int(cfg, "num_conv_pos_embedding_groups", default.pos_groups, path),
-        final_dim=_config_int(cfg, "classifier_proj_size", default.final_dim, path),
-        eps=float(eps),
-    ), path)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -1331,103 +521,23 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# --- configuration checks ----------------------------------------------------
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and all(isinstance(key, str) for key in obj)
-
-
-def _require_supported(cfg: Mapping[str, Any], required: Sequence[tuple[str, Any, Any, str]], path: Path) -> None:
-    for key, absent, supported, meaning in required:
-        value = cfg.get(key, absent)
-        if value != supported:
-            raise ModelFileError(f"unsupported HuBERT configuration {key} = {value!r} ({meaning}); "
-                                 f"only {supported!r} is implemented", path)
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity. A finite sum proves it without a temporary the size of the tensor;
+    a non-finite sum is confirmed element-wise (it could also be an overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _config_int(cfg: Mapping[str, Any], key: str, default: int, path: Path, minimum: int = 1) -> int:
-    value = cfg.get(key, default)
-    if type(value) is not int or value < minimum:
-        raise ModelFileError(f"invalid HuBERT configuration {key} = {value!r}", path)
-    return value
-
-
-def _checked_config(config: HubertConfig, path: Path) -> HubertConfig:
-    if config.hidden % config.heads or config.hidden % config.pos_groups:
-        raise ModelFileError(f"HuBERT width {config.hidden} is not divisible by its {config.heads} heads "
-                             f"and {config.pos_groups} positional conv groups", path)
-    return config
-
-# -----------------------------------------------------------------------------
-# 5c. RMVPE (rmvpe.pt)
-# -----------------------------------------------------------------------------
-
-# rmvpe.pt is a bare state dict of RVC's E2E network. The hyper-parameters are not stored;
-# they follow from the tensor shapes and the number of indexed blocks. (The pooling size
-# leaves no trace in the weights; every known file uses (2, 2).)
-_RMVPE_PROBE = "unet.encoder.bn.weight"  # present in every RMVPE file, in nothing else we load
-
-
-def _rmvpe_count(state: Mapping[str, Any], pattern: str) -> int:
-    """1 + the largest index captured by `pattern` over the keys, 0 when none matches."""
-    rx = re.compile(pattern)
-    found = [int(m.group(1)) for key in state if isinstance(key, str) and (m := rx.match(key))]
-    return 1 + max(found) if found else 0
-
-
-def _rmvpe_shape(state: Mapping[str, Any], key: str, ndim: int, path: Path) -> tuple[int, ...]:
-    value = state.get(key)
-    if not isinstance(value, torch.Tensor):
-        raise ModelFileError(f"not an RMVPE model: missing tensor {key!r}", path)
-    if value.dim() != ndim:
-        raise ModelFileError(f"tensor {key!r} has shape {list(value.shape)}, expected {ndim} dimensions", path)
-    return tuple(value.shape)
-
-
-def rmvpe_config_from_state(state: Mapping[str, Any], path: Path) -> RMVPEConfig:
-    """Infer the E2E hyper-parameters from an RMVPE state dict (ModelFileError if it is not one)."""
-    if "weight" in state and "config" in state:
-        raise ModelFileError("this is an RVC voice model (.pth), not an RMVPE model (rmvpe.pt)", path)
-    if _RMVPE_PROBE not in state:
-        raise ModelFileError(f"not an RMVPE model: missing tensor {_RMVPE_PROBE!r}", path)
-    cfg = RMVPEConfig(
-        n_blocks=_rmvpe_count(state, r"unet\.encoder\.layers\.\d+\.conv\.(\d+)\."),
-        n_gru=_rmvpe_count(state, r"fc\.0\.gru\.weight_ih_l(\d+)$"),
-        en_de_layers=_rmvpe_count(state, r"unet\.encoder\.layers\.(\d+)\."),
-        inter_layers=_rmvpe_count(state, r"unet\.intermediate\.layers\.(\d+)\."),
-        in_channels=_rmvpe_shape(state, _RMVPE_PROBE, 1, path)[0],
-        en_out_channels=_rmvpe_shape(state, "unet.encoder.layers.0.conv.0.conv.0.weight", 4, path)[0],
-    )
-    # 5 levels of 2×2 pooling take the 128 mel bands to 4 and need the 32-frame padding;
-    # deeper nets would need a different padding than the reference's.
-    if not 1 <= cfg.en_de_layers <= 5:
-        raise ModelFileError(f"unsupported RMVPE model: {cfg.en_de_layers} encoder levels (1 to 5 supported)", path)
-    for name in ("n_blocks", "n_gru", "inter_layers"):
-        if getattr(cfg, name) < 1:
-            raise ModelFileError(f"not an RMVPE model: no {name.replace('_', ' ')} found in the weights", path)
-    return cfg
-
-
-def load_rmvpe(path: Path) -> RMVPE:
-    """Load rmvpe.pt (any E2E size) as a float32 RMVPE in eval mode, refusing anything else."""
-    path = Path(path)
-    state = load_torch_file(path)
-    if not isinstance(state, Mapping):
-        raise ModelFileError(f"not an RMVPE model: the file holds a {type(state).__name__}, not a state dict", path)
-    cfg = rmvpe_config_from_state(state, path)
-    # BatchNorm batch counters are training bookkeeping that some files omit.
-    counters = {k.removesuffix("running_mean") + "num_batches_tracked": torch.zeros((), dtype=torch.long)
-                for k in state if k.endswith(".running_mean")}
-    return load_checked(lambda: RMVPE(cfg), {**counters, **state}, path)
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
 
 
 # =============================================================================
-# 6. Networks
+# 5. HuBERT content encoder
 # =============================================================================
-
-# -----------------------------------------------------------------------------
-# 6a. HuBERT content encoder (§3)
-# -----------------------------------------------------------------------------
 
 # HuBERT-base turns 16 kHz audio into one content vector per 20 ms: a strided conv stack
 # (the "feature extractor"), a projection to the model width, a convolutional positional
@@ -1636,553 +746,262 @@ class HubertEncoder(nn.Module):
             return self(wave, self.config.layers)
         raise ValueError(f"unknown RVC model version {version!r} (expected 'v1' or 'v2')")
 
+
 # -----------------------------------------------------------------------------
-# 6b. RVC synthesizer: text encoder, flow, NSF-HiFiGAN decoder (§2)
+# 5b. HuBERT loading: fairseq hubert_base.pt or a transformers folder
 # -----------------------------------------------------------------------------
 
-# The synthesizer is VITS's inference half as RVC uses it: a text encoder turns content
-# features (+ coarse pitch) into a Gaussian prior over a latent z; a normalising flow run
-# backwards maps a sample of that prior to the decoder's latent; an NSF-HiFiGAN decoder,
-# driven by a sine excitation at the target pitch, turns the latent into a waveform.
-# Module and attribute names reproduce the WebUI's, so its state-dict keys load as they are
-# (after fold_weight_norm has turned every weight_g/weight_v pair into a plain `weight`).
-#
-# Masks: upstream multiplies by a sequence mask x_mask everywhere. We run batch 1 with the
-# whole sequence valid, so x_mask is all ones: multiplying by it is the identity and the
-# attention's masked_fill touches no element. Dropping the masks is therefore exact.
+# Two layouts hold the same weights (§3.4, §3.5): a fairseq checkpoint file
+# (hubert_base.pt: pickled dict with `cfg` and an fp16 `model`) and a transformers folder
+# (config.json + model.safetensors or pytorch_model.bin). HubertEncoder uses transformers'
+# tensor names; fairseq names are renamed on load, and errors name keys as the file does.
 
-LRELU_SLOPE = 0.1  # leaky ReLU slope everywhere except before the decoder's last conv
-FINAL_LRELU_SLOPE = 0.01  # upstream calls leaky_relu() with torch's default slope there
-ATTENTION_WINDOW = 10  # relative-position window of the text encoder's attention
-LAYER_NORM_EPS = 1e-5
-PRIOR_NOISE_SCALE = 0.66666  # scale of the prior sample's noise; upstream's literal constant
-FLOW_COUPLINGS = 4  # coupling layers in the flow (each followed by a channel flip)
-FLOW_KERNEL_SIZE = 5  # WaveNet kernel inside each coupling layer
-FLOW_DILATION_RATE = 1  # WaveNet layer i uses dilation FLOW_DILATION_RATE**i
-FLOW_WN_LAYERS = 3  # WaveNet layers inside each coupling layer
-DECODER_CONV_KERNEL = 7  # kernel of the decoder's conv_pre and conv_post
-SINE_AMP = 0.1  # amplitude of the NSF sine excitation
-NOISE_STD = 0.003  # std of the excitation's additive noise in voiced samples
-UNVOICED_NOISE_STD = SINE_AMP / 3  # std of the excitation noise in unvoiced samples
-SAMPLE_RATE_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
-FRAMES_PER_SECOND = 100  # synthesizer frames: 10 ms, so hop = sample_rate / 100
+# (fairseq prefix, our prefix); "{}" stands for a layer index.
+HUBERT_FAIRSEQ_NAMES = (
+    ("feature_extractor.conv_layers.{}.0.", "feature_extractor.conv_layers.{}.conv."),
+    ("feature_extractor.conv_layers.0.2.", "feature_extractor.conv_layers.0.layer_norm."),
+    ("layer_norm.", "feature_projection.layer_norm."),
+    ("post_extract_proj.", "feature_projection.projection."),
+    ("encoder.pos_conv.0.", "encoder.pos_conv_embed.conv."),
+    ("encoder.layers.{}.self_attn.", "encoder.layers.{}.attention."),
+    ("encoder.layers.{}.self_attn_layer_norm.", "encoder.layers.{}.layer_norm."),
+    ("encoder.layers.{}.fc1.", "encoder.layers.{}.feed_forward.intermediate_dense."),
+    ("encoder.layers.{}.fc2.", "encoder.layers.{}.feed_forward.output_dense."),
+)
+# Tensors only pre-training uses: fairseq's mask embedding, label embeddings and target
+# GLU, transformers' SpecAugment embedding.
+HUBERT_UNUSED_KEYS = re.compile(r"mask_emb|label_embs_concat|masked_spec_embed|target_glu\..*")
+HUBERT_POS_CONV = "encoder.pos_conv_embed.conv"
+HUBERT_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+MAX_CONV_LAYERS = 64  # hubert_base has 7; the bound keeps "[(1, 1, 1)] * 10**9" harmless
+MAX_CONV_SPEC_CHARS = 1000
 
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """The hyper-parameters of the 18-element `config` list that matter at inference (§1.3)."""
-
-    inter_channels: int  # latent z channels
-    hidden_channels: int  # text encoder width, flow WaveNet width
-    filter_channels: int  # text encoder FFN inner width
-    n_heads: int
-    n_layers: int  # text encoder layers
-    kernel_size: int  # text encoder FFN kernel
-    resblock_kernel_sizes: tuple[int, ...]
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
-    upsample_rates: tuple[int, ...]
-    upsample_initial_channel: int
-    upsample_kernel_sizes: tuple[int, ...]
-    gin_channels: int  # speaker embedding size
-    sample_rate: int  # Hz
-
-    @property
-    def hop(self) -> int:
-        """Output samples per content frame."""
-        return math.prod(self.upsample_rates)
-
-    @classmethod
-    def from_list(cls, config: Any) -> "SynthConfig":
-        """Validate the WebUI config list; ValueError says what is wrong."""
-        if not isinstance(config, (list, tuple)) or len(config) != 18:
-            raise ValueError(f"expected a list of 18 hyper-parameters, got {_short_repr(config)}")
-        (_spec_channels, _segment_size, inter, hidden, filt, heads, layers, kernel, _p_dropout,
-         resblock, rb_kernels, rb_dilations, rates, initial, up_kernels, _spk_embed_dim, gin,
-         sample_rate) = config
-        if str(resblock) != "1":
-            raise ValueError(f"resblock type {resblock!r} is not supported (only \"1\")")
-        if isinstance(sample_rate, str):
-            if sample_rate not in SAMPLE_RATE_NAMES:
-                raise ValueError(f"unknown sample rate {sample_rate!r}")
-            sample_rate = SAMPLE_RATE_NAMES[sample_rate]
-        rb_kernels, rates, up_kernels = (_int_list(v, name) for v, name in (
-            (rb_kernels, "resblock_kernel_sizes"), (rates, "upsample_rates"),
-            (up_kernels, "upsample_kernel_sizes")))
-        if not isinstance(rb_dilations, (list, tuple)):
-            raise ValueError(f"resblock_dilation_sizes must be a list of lists, got {_short_repr(rb_dilations)}")
-        rb_dilations = tuple(_int_list(d, "resblock_dilation_sizes") for d in rb_dilations)
-        cfg = cls(_positive_int(inter, "inter_channels"), _positive_int(hidden, "hidden_channels"),
-                  _positive_int(filt, "filter_channels"), _positive_int(heads, "n_heads"),
-                  _positive_int(layers, "n_layers"), _positive_int(kernel, "kernel_size"),
-                  rb_kernels, rb_dilations, rates, _positive_int(initial, "upsample_initial_channel"),
-                  up_kernels, _positive_int(gin, "gin_channels"), _positive_int(sample_rate, "sample_rate"))
-        cfg._check_consistent()
-        return cfg
-
-    def _check_consistent(self) -> None:
-        if self.inter_channels % 2:
-            raise ValueError(f"inter_channels must be even (the flow splits it in halves), got {self.inter_channels}")
-        if self.hidden_channels % self.n_heads:
-            raise ValueError(f"hidden_channels {self.hidden_channels} is not divisible by n_heads {self.n_heads}")
-        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
-            raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
-        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
-            raise ValueError("upsample_rates and upsample_kernel_sizes differ in length")
-        if self.upsample_initial_channel >> len(self.upsample_rates) < 1:
-            raise ValueError(f"upsample_initial_channel {self.upsample_initial_channel} is too small "
-                             f"to halve {len(self.upsample_rates)} times")
-        for i, (rate, kernel) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):
-            padding, output_padding = upsample_padding(rate, kernel)
-            exact = kernel - 2 * padding + output_padding == rate and output_padding < rate
-            if not exact:
-                raise ValueError(f"upsample stage {i} (rate {rate}, kernel {kernel}) does not upsample "
-                                 f"exactly x{rate}; unsupported geometry")
-        if self.hop * FRAMES_PER_SECOND != self.sample_rate:
-            raise ValueError(f"upsample rates {list(self.upsample_rates)} give {self.hop} samples per "
-                             f"10 ms frame, but the sample rate is {self.sample_rate} Hz")
+# Configuration values other than these select architectures not implemented here:
+# (key, value when absent, the supported value, what another value means).
+HUBERT_FAIRSEQ_REQUIRED = (
+    ("extractor_mode", "default", "default", "a layer-norm feature extractor"),
+    ("layer_norm_first", False, False, "a pre-LN transformer"),
+    ("conv_bias", False, False, "convolution biases in the feature extractor"),
+    ("activation_fn", "gelu", "gelu", "another activation"),
+    ("layer_type", "transformer", "transformer", "conformer layers"),
+    ("pos_conv_depth", 1, 1, "a multi-layer positional convolution"),
+)
+HUBERT_TRANSFORMERS_REQUIRED = (
+    ("model_type", "hubert", "hubert", "not a HuBERT model"),
+    ("feat_extract_norm", "group", "group", "a layer-norm feature extractor"),
+    ("do_stable_layer_norm", False, False, "a pre-LN transformer"),
+    ("conv_bias", False, False, "convolution biases in the feature extractor"),
+    ("feat_extract_activation", "gelu", "gelu", "another activation"),
+    ("hidden_act", "gelu", "gelu", "another activation"),
+    ("feat_proj_layer_norm", True, True, "no layer norm before the feature projection"),
+    ("conv_pos_batch_norm", False, False, "a batch-normed positional convolution"),
+)
 
 
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _rename_prefix(key: str, names: Sequence[tuple[str, str]], to_ours: bool) -> str:
+    for theirs, ours in names:
+        old, new = (theirs, ours) if to_ours else (ours, theirs)
+        pattern = "^" + r"(\d+)".join(re.escape(part) for part in old.split("{}"))
+        renamed, count = re.subn(pattern, new.replace("{}", r"\1"), key, count=1)
+        if count:
+            return renamed
+    return key
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {_short_repr(value)}")
+def _require_supported(cfg: Mapping[str, Any], required: Sequence[tuple[str, Any, Any, str]], path: Path) -> None:
+    for key, absent, supported, meaning in required:
+        value = cfg.get(key, absent)
+        if value != supported:
+            raise ModelFileError(f"unsupported HuBERT configuration {key} = {value!r} ({meaning}); "
+                                 f"only {supported!r} is implemented", path)
+
+
+def _config_int(cfg: Mapping[str, Any], key: str, default: int, path: Path, minimum: int = 1) -> int:
+    value = cfg.get(key, default)
+    if type(value) is not int or value < minimum:
+        raise ModelFileError(f"invalid HuBERT configuration {key} = {value!r}", path)
     return value
 
 
-def _int_list(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{name} must be a non-empty list of positive integers, got {_short_repr(value)}")
-    return tuple(_positive_int(v, name) for v in value)
-
-
-def upsample_padding(rate: int, kernel: int) -> tuple[int, int]:
-    """(padding, output_padding) of a decoder ConvTranspose1d stage.
-
-    Even rates use the WebUI rule (k - u) // 2. Odd rates use the rule of Applio's NSF
-    decoder (padding u // 2 + 1, output_padding 1), exact when k = 2u, where the WebUI rule
-    gives one sample too many (Applio's no-pitch decoder keeps that; we use the exact rule
-    for both). SynthConfig refuses any stage that is not exactly xu.
-    """
-    if rate % 2 == 0:
-        return (kernel - rate) // 2, 0
-    return rate // 2 + 1, 1
-
-
-def noise_conv_geometry(stride: int) -> tuple[int, int]:
-    """(kernel, padding) of the conv that brings the excitation down to a stage's rate.
-
-    The WebUI uses kernel 2s, padding s//2 (exact for even s); Applio's 2s - s%2 and
-    (kernel - s)//2 is the same for even s and also exact for odd s.
-    """
-    if stride == 1:
-        return 1, 0
-    kernel = 2 * stride - stride % 2
-    return kernel, (kernel - stride) // 2
-
-
-def zero_embedding(num: int, dim: int) -> nn.Embedding:
-    """An embedding table that starts at zero.
-
-    Weights always come from a file, so initial values are placeholders; zeros (unlike
-    nn.Embedding's random normal init) are also free to create on the meta device, where
-    the loader builds the net (a meta normal_() would import torch._dynamo: seconds).
-    """
-    return nn.Embedding.from_pretrained(torch.zeros(num, dim), freeze=False)
-
-
-# --- text encoder (§2.2) ------------------------------------------------------
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, T) tensor (parameters gamma/beta)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        x = F.layer_norm(x.transpose(1, -1), self.gamma.shape, self.gamma, self.beta, LAYER_NORM_EPS)
-        return x.transpose(1, -1)
-
-
-def relative_to_absolute(rel: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, T, 2W+1) values indexed by distance j - i + W  ->  (B, H, T, T) indexed by j.
-
-    out[..., i, j] = rel[..., i, j - i + W] when |j - i| <= W, else 0. Row i has to move i
-    places right: lay the rows out with stride T + 2W + 1 and read them back with a stride
-    one shorter (every row then starts one element earlier than the previous one did).
-    """
-    b, h, t, r = rel.shape
-    stride = t + r
-    flat = F.pad(rel, (0, stride - r)).reshape(b, h, t * stride)
-    skewed = flat[..., : t * (stride - 1)].reshape(b, h, t, stride - 1)
-    return skewed[..., window: window + t]
-
-
-def absolute_to_relative(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, T, T) indexed by j  ->  (B, H, T, 2W+1) indexed by j - i + W (inverse skew).
-
-    out[..., i, r] = x[..., i, i + r - W], zero where that column does not exist.
-    """
-    b, h, t, _ = x.shape
-    stride = t + 2 * window
-    flat = F.pad(x, (window, window)).reshape(b, h, t * stride)
-    skewed = F.pad(flat, (0, t)).reshape(b, h, t, stride + 1)
-    return skewed[..., : 2 * window + 1]
-
-
-class MultiHeadAttention(nn.Module):
-    """Self-attention with learned relative-position keys and values (window ±W, shared by heads)."""
-
-    def __init__(self, channels: int, n_heads: int, window: int = ATTENTION_WINDOW):
-        super().__init__()
-        self.n_heads, self.head_dim, self.window = n_heads, channels // n_heads, window
-        self.conv_q = nn.Conv1d(channels, channels, 1)
-        self.conv_k = nn.Conv1d(channels, channels, 1)
-        self.conv_v = nn.Conv1d(channels, channels, 1)
-        self.conv_o = nn.Conv1d(channels, channels, 1)
-        # (1, 2W+1, D) embeddings of the relative distances -W..W
-        self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
-        self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, H, T, D)
-        b, _, t = x.shape
-        return x.view(b, self.n_heads, self.head_dim, t).transpose(2, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        b, c, t = x.shape
-        q = self._heads(self.conv_q(x)) / math.sqrt(self.head_dim)  # (B, H, T, D), pre-scaled
-        k, v = self._heads(self.conv_k(x)), self._heads(self.conv_v(x))
-        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
-        scores = scores + relative_to_absolute(q @ self.emb_rel_k.transpose(-2, -1), self.window)
-        p = F.softmax(scores, dim=-1)  # (B, H, T, T)
-        out = p @ v + absolute_to_relative(p, self.window) @ self.emb_rel_v  # (B, H, T, D)
-        return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
-
-
-class FFN(nn.Module):
-    """Two 'same'-padded convolutions with a ReLU between them."""
-
-    def __init__(self, channels: int, filter_channels: int, kernel_size: int):
-        super().__init__()
-        self.pad = ((kernel_size - 1) // 2, kernel_size // 2)
-        self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
-        self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        x = torch.relu(self.conv_1(F.pad(x, self.pad)))  # (B, filter, T)
-        return self.conv_2(F.pad(x, self.pad))
-
-
-class Encoder(nn.Module):
-    """Post-LN transformer: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
-
-    def __init__(self, channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int):
-        super().__init__()
-        self.attn_layers = nn.ModuleList(MultiHeadAttention(channels, n_heads) for _ in range(n_layers))
-        self.norm_layers_1 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
-        self.ffn_layers = nn.ModuleList(FFN(channels, filter_channels, kernel_size) for _ in range(n_layers))
-        self.norm_layers_2 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1,
-                                             self.ffn_layers, self.norm_layers_2):
-            x = norm_1(x + attn(x))
-            x = norm_2(x + ffn(x))
-        return x
-
-
-class TextEncoder(nn.Module):
-    """Content features (+ coarse pitch) -> prior mean m_p and log-std logs_p of z."""
-
-    def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool):
-        super().__init__()
-        self.hidden = cfg.hidden_channels
-        self.emb_phone = nn.Linear(phone_dim, cfg.hidden_channels)
-        self.emb_pitch = zero_embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
-        self.encoder = Encoder(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
-                               cfg.kernel_size)
-        self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
-
-    def forward(self, phone: torch.Tensor, pitch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.emb_phone(phone)  # (B, T, hidden)
-        if self.emb_pitch is not None:
-            x = x + self.emb_pitch(pitch)
-        x = F.leaky_relu(x * math.sqrt(self.hidden), LRELU_SLOPE)
-        x = self.encoder(x.transpose(1, 2))  # (B, hidden, T)
-        m_p, logs_p = self.proj(x).chunk(2, dim=1)  # (B, inter, T) each
-        return m_p, logs_p
-
-
-# --- flow (§2.3) ---------------------------------------------------------------
-
-
-class WN(nn.Module):
-    """WaveNet stack: gated dilated convs conditioned on the speaker, summed skip outputs."""
-
-    def __init__(self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int):
-        super().__init__()
-        self.hidden = hidden
-        self.in_layers = nn.ModuleList()
-        self.res_skip_layers = nn.ModuleList()
-        for i in range(n_layers):
-            dilation = dilation_rate ** i
-            self.in_layers.append(nn.Conv1d(hidden, 2 * hidden, kernel_size, dilation=dilation,
-                                            padding=dilation * (kernel_size - 1) // 2))
-            last = i == n_layers - 1  # the last layer has no residual output, only a skip
-            self.res_skip_layers.append(nn.Conv1d(hidden, hidden if last else 2 * hidden, 1))
-        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
-
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # x (B, H, T), g (B, gin, 1)
-        h = self.hidden
-        cond = self.cond_layer(g)  # (B, 2H*layers, 1), broadcast over time
-        out = torch.zeros_like(x)
-        for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            a = in_layer(x) + cond[:, 2 * h * i: 2 * h * (i + 1)]  # (B, 2H, T)
-            acts = torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:])
-            rs = res_skip(acts)
-            if i < len(self.in_layers) - 1:
-                x = x + rs[:, :h]
-                out = out + rs[:, h:]
-            else:
-                out = out + rs
-        return out  # (B, H, T)
-
-
-class ResidualCouplingLayer(nn.Module):
-    """Mean-only affine coupling: the second half of the channels is shifted by a function of the first."""
-
-    def __init__(self, channels: int, hidden: int, gin_channels: int):
-        super().__init__()
-        self.half = channels // 2
-        self.pre = nn.Conv1d(self.half, hidden, 1)
-        self.enc = WN(hidden, FLOW_KERNEL_SIZE, FLOW_DILATION_RATE, FLOW_WN_LAYERS, gin_channels)
-        self.post = nn.Conv1d(hidden, self.half, 1)
-
-    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        x0, x1 = x.split(self.half, dim=1)  # (B, C/2, T) each
-        shift = self.post(self.enc(self.pre(x0), g))  # mean only: the log-scale is 0
-        return torch.cat([x0, x1 - shift], dim=1)
-
-
-class Flip(nn.Module):
-    """Reverse the channel order (its own inverse)."""
-
-    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return torch.flip(x, [1])
-
-
-class ResidualCouplingBlock(nn.Module):
-    """[coupling, flip] x FLOW_COUPLINGS; only the reverse (sampling) direction is needed."""
-
-    def __init__(self, cfg: SynthConfig):
-        super().__init__()
-        self.flows = nn.ModuleList()
-        for _ in range(FLOW_COUPLINGS):
-            self.flows.append(ResidualCouplingLayer(cfg.inter_channels, cfg.hidden_channels, cfg.gin_channels))
-            self.flows.append(Flip())
-
-    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, inter, T)
-        for flow in reversed(self.flows):
-            x = flow.reverse(x, g)
-        return x
-
-
-# --- NSF-HiFiGAN decoder (§2.4, §2.5) ---------------------------------------------
-
-
-class ResBlock1(nn.Module):
-    """HiFi-GAN residual block: per dilation d, x += conv(lrelu(conv_d(lrelu(x))))."""
-
-    def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]):
-        super().__init__()
-        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
-                                              padding=d * (kernel_size - 1) // 2) for d in dilations)
-        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)
-                                    for _ in dilations)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L)
-        for conv1, conv2 in zip(self.convs1, self.convs2):
-            x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
-        return x
-
-
-class SineGen(nn.Module):
-    """Sine excitation at F0 (harmonic_num 0), the 2026 WebUI algorithm (§2.5).
-
-    The phase is integrated per frame, interpolated to samples, and its wrap-arounds are
-    transferred onto the per-sample increments before the final cumulative sum. Always
-    float32: half precision cannot accumulate a phase over thousands of samples.
-    (Upstream also adds a random initial phase to every harmonic but the fundamental;
-    with harmonic_num 0 there is none, so it is omitted.)
-    """
-
-    def __init__(self, sample_rate: int):
-        super().__init__()
-        self.sample_rate = sample_rate
-
-    def forward(self, f0: torch.Tensor, upp: int, noise: torch.Tensor | None) -> torch.Tensor:
-        # f0: (B, T) Hz, 0 = unvoiced; noise: (B, T*upp, 1) standard normal or None
-        f0 = f0.float().unsqueeze(-1)  # (B, T, 1)
-        rad = (f0 / self.sample_rate) % 1  # phase increment per sample, in cycles
-        frame_phase = torch.cumsum(rad, dim=1) * upp  # (B, T, 1) phase at each frame's end
-        phase = F.interpolate(frame_phase.transpose(1, 2), scale_factor=float(upp), mode="linear",
-                              align_corners=True).transpose(1, 2) % 1  # (B, T*upp, 1)
-        rad = torch.repeat_interleave(rad, upp, dim=1)  # (B, T*upp, 1)
-        wrapped = (phase[:, 1:] - phase[:, :-1]) < 0  # the interpolated phase wrapped here
-        shift = F.pad(-wrapped.to(rad.dtype), (0, 0, 1, 0))  # (B, T*upp, 1)
-        sine = torch.sin(torch.cumsum(rad + shift, dim=1) * 2 * math.pi) * SINE_AMP
-        uv = torch.repeat_interleave((f0 > 0).to(sine.dtype), upp, dim=1)  # voiced flag per sample
-        excitation = sine * uv
-        if noise is not None:
-            excitation = excitation + (uv * NOISE_STD + (1 - uv) * UNVOICED_NOISE_STD) * noise
-        return excitation  # (B, T*upp, 1)
-
-
-class SourceModuleHnNSF(nn.Module):
-    """The sine excitation merged through a 1->1 linear layer and tanh."""
-
-    def __init__(self, sample_rate: int):
-        super().__init__()
-        self.l_sin_gen = SineGen(sample_rate)
-        self.l_linear = nn.Linear(1, 1)
-
-    def forward(self, f0: torch.Tensor, upp: int, noise: torch.Tensor | None) -> torch.Tensor:
-        sine = self.l_sin_gen(f0, upp, noise).to(self.l_linear.weight.dtype)  # (B, T*upp, 1)
-        return torch.tanh(self.l_linear(sine)).transpose(1, 2)  # (B, 1, T*upp)
-
-
-class Generator(nn.Module):
-    """HiFi-GAN decoder; with `nsf` it is GeneratorNSF, adding a pitch excitation at every stage."""
-
-    def __init__(self, cfg: SynthConfig, nsf: bool):
-        super().__init__()
-        rates, n_kernels = cfg.upsample_rates, len(cfg.resblock_kernel_sizes)
-        channels = [cfg.upsample_initial_channel >> i for i in range(len(rates) + 1)]  # halved per stage
-        self.hop, self.n_kernels = cfg.hop, n_kernels
-        # (registration order = the WebUI's, so state_dict() lists keys in the same order)
-        self.m_source = SourceModuleHnNSF(cfg.sample_rate) if nsf else None
-        self.noise_convs = nn.ModuleList() if nsf else None
-        for i in range(len(rates) if nsf else 0):
-            stride = math.prod(rates[i + 1:])  # excitation samples per sample of stage i
-            kernel, padding = noise_conv_geometry(stride)
-            self.noise_convs.append(nn.Conv1d(1, channels[i + 1], kernel, stride, padding=padding))
-        self.conv_pre = nn.Conv1d(cfg.inter_channels, channels[0], DECODER_CONV_KERNEL,
-                                  padding=DECODER_CONV_KERNEL // 2)
-        self.ups = nn.ModuleList()
-        for i, (rate, kernel) in enumerate(zip(rates, cfg.upsample_kernel_sizes)):
-            padding, output_padding = upsample_padding(rate, kernel)
-            self.ups.append(nn.ConvTranspose1d(channels[i], channels[i + 1], kernel, rate,
-                                               padding=padding, output_padding=output_padding))
-        self.resblocks = nn.ModuleList(
-            ResBlock1(channels[i + 1], k, d) for i in range(len(rates))
-            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
-        self.conv_post = nn.Conv1d(channels[-1], 1, DECODER_CONV_KERNEL, padding=DECODER_CONV_KERNEL // 2,
-                                   bias=False)
-        self.cond = nn.Conv1d(cfg.gin_channels, channels[0], 1)
-
-    def forward(self, z: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
-        # z (B, inter, T), g (B, gin, 1), f0 (B, T) Hz for NSF, noise (B, T*hop, 1) or None
-        source = self.m_source(f0, self.hop, noise) if self.m_source is not None else None  # (B, 1, T*hop)
-        x = self.conv_pre(z) + self.cond(g)  # (B, C0, T)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))  # (B, C_i, T * prod(rates[:i+1]))
-            if source is not None:
-                x = x + self.noise_convs[i](source)
-            blocks = self.resblocks[i * self.n_kernels: (i + 1) * self.n_kernels]
-            x = sum(block(x) for block in blocks) / self.n_kernels
-        return torch.tanh(self.conv_post(F.leaky_relu(x, FINAL_LRELU_SLOPE)))  # (B, 1, T*hop)
-
-
-# --- the synthesizer (§2.1) --------------------------------------------------------
-
-
-def standard_normal(shape: Sequence[int], like: torch.Tensor,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, 1) noise drawn in float32 (on the generator's device), then moved to `like`."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-    return noise.to(like.device, like.dtype)
-
-
-class Synthesizer(nn.Module):
-    """RVC's SynthesizerTrnMs{256,768}NSFsid[_nono], inference only (no posterior encoder enc_q)."""
-
-    def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool, n_speakers: int):
-        super().__init__()
-        self.cfg, self.phone_dim, self.has_f0, self.n_speakers = cfg, phone_dim, has_f0, n_speakers
-        self.enc_p = TextEncoder(cfg, phone_dim, has_f0)
-        self.dec = Generator(cfg, nsf=has_f0)
-        self.flow = ResidualCouplingBlock(cfg)
-        self.emb_g = zero_embedding(n_speakers, cfg.gin_channels)
-
-    @property
-    def hop(self) -> int:
-        return self.cfg.hop
-
-    @property
-    def sample_rate(self) -> int:
-        return self.cfg.sample_rate
-
-    def _check_inputs(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-                      sid: torch.Tensor) -> None:
-        if phone.dim() != 3 or phone.shape[0] != 1 or phone.shape[2] != self.phone_dim:
-            raise ValueError(f"phone must be (1, T, {self.phone_dim}), got {tuple(phone.shape)}")
-        frames = (1, phone.shape[1])
-        if self.has_f0:
-            if pitch is None or nsff0 is None or tuple(pitch.shape) != frames or tuple(nsff0.shape) != frames:
-                raise ValueError(f"a pitch model needs pitch and nsff0 of shape {frames}")
-            if pitch.numel() and not 0 <= int(pitch.min()) <= int(pitch.max()) < F0_COARSE_BINS:
-                raise ValueError(f"coarse pitch must lie in 0..{F0_COARSE_BINS - 1}")
-        if sid.numel() != 1:
-            raise ValueError(f"sid must hold one speaker id, got shape {tuple(sid.shape)}")
-        speaker = int(sid.reshape(-1)[0])
-        if not 0 <= speaker < self.n_speakers:
-            raise UsageError(f"speaker id {speaker} out of range: the model has speakers 0..{self.n_speakers - 1}")
-
-    @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
-    def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-                     sid: torch.Tensor, *, noise: bool = True,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """infer(), also returning the intermediate stages m_p, logs_p and z (the decoder input).
-
-        noise=False drops the two random terms (prior noise, excitation noise): deterministic.
-        With noise, every random number comes from `generator` when one is given.
-        """
-        self._check_inputs(phone, pitch, nsff0, sid)
-        weight = self.emb_g.weight
-        g = self.emb_g(sid.reshape(1).to(weight.device)).unsqueeze(-1)  # (1, gin, 1)
-        m_p, logs_p = self.enc_p(phone.to(weight.device, weight.dtype),
-                                 pitch.to(weight.device) if self.has_f0 else None)  # (1, inter, T) each
-        z_p = m_p  # the prior's mean, or a sample from it:
-        if noise:
-            z_p = m_p + torch.exp(logs_p) * standard_normal(m_p.shape, m_p, generator) * PRIOR_NOISE_SCALE
-        z = self.flow.reverse(z_p, g)  # (1, inter, T)
-        if self.has_f0:
-            f0 = nsff0.to(weight.device, torch.float32)  # (1, T) Hz
-            excitation_noise = None
-            if noise:
-                excitation_noise = standard_normal((1, f0.shape[1] * self.hop, 1), f0, generator)
-            out = self.dec(z, g, f0, excitation_noise)
+def _checked_config(config: HubertConfig, path: Path) -> HubertConfig:
+    if config.hidden % config.heads or config.hidden % config.pos_groups:
+        raise ModelFileError(f"HuBERT width {config.hidden} is not divisible by its {config.heads} heads "
+                             f"and {config.pos_groups} positional conv groups", path)
+    return config
+
+
+def parse_conv_feature_layers(spec: str) -> tuple[tuple[int, int, int], ...]:
+    """fairseq's conv_feature_layers, e.g. "[(512,10,5)] + [(512,3,2)] * 4", read without
+    eval: list displays of (channels, kernel, stride) int tuples joined by + and * int."""
+    if not isinstance(spec, str) or len(spec) > MAX_CONV_SPEC_CHARS:
+        raise ValueError("not a short string")
+    try:
+        tree = ast.parse(spec, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise ValueError("not a Python list expression") from None
+
+    def count(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value > 0:
+            return node.value
+        raise ValueError(f"expected a positive integer, found {ast.unparse(node)[:40]!r}")
+
+    def conv_layer(node: ast.AST) -> tuple[int, int, int]:
+        if not isinstance(node, ast.Tuple) or len(node.elts) != 3:
+            raise ValueError(f"expected a (channels, kernel, stride) tuple, found {ast.unparse(node)[:40]!r}")
+        return tuple(count(element) for element in node.elts)
+
+    def layers(node: ast.AST) -> list[tuple[int, int, int]]:
+        if isinstance(node, ast.List):
+            result = [conv_layer(element) for element in node.elts]
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            result = layers(node.left) + layers(node.right)
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            items, times = (node.left, node.right) if isinstance(node.right, ast.Constant) else (node.right, node.left)
+            result, times = layers(items), count(times)
+            if len(result) * times > MAX_CONV_LAYERS:
+                raise ValueError(f"more than {MAX_CONV_LAYERS} conv layers")
+            result = result * times
         else:
-            out = self.dec(z, g)
-        return {"m_p": m_p, "logs_p": logs_p, "z": z, "out": out[:, 0].float()}  # out (1, T*hop)
+            raise ValueError(f"unexpected {ast.unparse(node)[:40]!r}")
+        if len(result) > MAX_CONV_LAYERS:
+            raise ValueError(f"more than {MAX_CONV_LAYERS} conv layers")
+        return result
 
-    def infer(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-              sid: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
-        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, generator=generator)["out"]
+    result = layers(tree)
+    if not result:
+        raise ValueError("no conv layers")
+    return tuple(result)
 
 
-# -----------------------------------------------------------------------------
-# 6c. RMVPE pitch network (§4.5)
-# -----------------------------------------------------------------------------
+def hubert_config_from_fairseq(cfg: Mapping[str, Any], path: Path) -> HubertConfig:
+    """HubertConfig from fairseq's cfg["model"]; absent keys take fairseq's defaults."""
+    _require_supported(cfg, HUBERT_FAIRSEQ_REQUIRED, path)
+    spec = cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")
+    try:
+        conv_layers = parse_conv_feature_layers(spec)
+    except ValueError as exc:
+        raise ModelFileError(f"cannot read conv_feature_layers {str(spec)[:80]!r}: {exc}", path) from None
+    hidden = _config_int(cfg, "encoder_embed_dim", 768, path)
+    final_dim = _config_int(cfg, "final_dim", 0, path, minimum=0) or hidden  # fairseq: 0 = hidden
+    return _checked_config(HubertConfig(
+        hidden=hidden,
+        layers=_config_int(cfg, "encoder_layers", 12, path),
+        heads=_config_int(cfg, "encoder_attention_heads", 12, path),
+        ffn=_config_int(cfg, "encoder_ffn_embed_dim", 3072, path),
+        conv_layers=conv_layers,
+        pos_kernel=_config_int(cfg, "conv_pos", 128, path),
+        pos_groups=_config_int(cfg, "conv_pos_groups", 16, path),
+        final_dim=final_dim,
+    ), path)
+
+
+def _read_hubert_fairseq(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor]]:
+    """Only `cfg["model"]` (or the old `args`) and `model` are read; fairseq's Dictionary
+    and the training state become inert stand-ins that nothing touches."""
+    checkpoint = load_torch_file(path, allow_standins=True)
+    if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
+        raise ModelFileError("not a fairseq HuBERT checkpoint (no 'model' state dict)", path)
+    cfg = checkpoint.get("cfg")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
+        model_cfg = cfg["model"]
+    else:  # pre-hydra fairseq: an argparse.Namespace, here a stand-in holding its __dict__
+        model_cfg = getattr(checkpoint.get("args"), "_state", None)
+        if not isinstance(model_cfg, Mapping):
+            raise ModelFileError("fairseq checkpoint without a model configuration (no cfg['model'] or args)", path)
+    return hubert_config_from_fairseq(model_cfg, path), checkpoint["model"]
+
+
+def hubert_config_from_transformers(cfg: Mapping[str, Any], path: Path) -> HubertConfig:
+    """HubertConfig from a transformers config.json; absent keys take HubertConfig's defaults."""
+    _require_supported(cfg, HUBERT_TRANSFORMERS_REQUIRED, path)
+    default = HubertConfig()
+    columns = [cfg.get(key, [layer[i] for layer in default.conv_layers])
+               for i, key in enumerate(("conv_dim", "conv_kernel", "conv_stride"))]
+    if not all(isinstance(c, list) and 0 < len(c) <= MAX_CONV_LAYERS for c in columns) \
+            or len({len(c) for c in columns}) != 1:
+        raise ModelFileError("conv_dim, conv_kernel and conv_stride must be lists of equal length", path)
+    conv_layers = tuple(zip(*columns))
+    if not all(type(v) is int and v > 0 for layer in conv_layers for v in layer):
+        raise ModelFileError("conv_dim, conv_kernel and conv_stride must hold positive integers", path)
+    eps = cfg.get("layer_norm_eps", default.eps)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise ModelFileError(f"invalid layer_norm_eps {eps!r}", path)
+    return _checked_config(HubertConfig(
+        hidden=_config_int(cfg, "hidden_size", default.hidden, path),
+        layers=_config_int(cfg, "num_hidden_layers", default.layers, path),
+        heads=_config_int(cfg, "num_attention_heads", default.heads, path),
+        ffn=_config_int(cfg, "intermediate_size", default.ffn, path),
+        conv_layers=conv_layers,
+        pos_kernel=_config_int(cfg, "num_conv_pos_embeddings", default.pos_kernel, path),
+        pos_groups=_config_int(cfg, "num_conv_pos_embedding_groups", default.pos_groups, path),
+        final_dim=_config_int(cfg, "classifier_proj_size", default.final_dim, path),
+        eps=float(eps),
+    ), path)
+
+
+def _read_hubert_folder(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor], Path]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError("HuBERT folder has no config.json", path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"unreadable config.json ({exc})", config_path) from None
+    if not isinstance(config, dict):
+        raise ModelFileError("config.json is not a JSON object", config_path)
+    weights = next((path / name for name in HUBERT_WEIGHTS_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise ModelFileError(f"HuBERT folder has no weights ({' or '.join(HUBERT_WEIGHTS_FILES)})", path)
+    hubert_config = hubert_config_from_transformers(config, config_path)
+    state = read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
+    if not _is_state_dict(state):
+        raise ModelFileError("not a state dict (a mapping of tensor names)", weights)
+    return hubert_config, state, weights
+
+
+def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: Path,
+                   file_name: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """Fold the positional conv's weight norm (over dim 2: one g per kernel tap) into its
+    weight, after checking g and v: a g of another shape would broadcast silently."""
+    shapes = (1, 1, config.pos_kernel), (config.hidden, config.hidden // config.pos_groups, config.pos_kernel)
+    for suffixes in _WEIGHT_NORM_SUFFIXES:
+        for suffix, shape in zip(suffixes, shapes):
+            tensor = state.get(HUBERT_POS_CONV + suffix)
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != shape:
+                raise ModelFileError(f"tensor {file_name(HUBERT_POS_CONV + suffix)!r} has shape "
+                                     f"{list(tensor.shape)}, expected {list(shape)}", path)
+    try:
+        return fold_weight_norm(state, dim=2)
+    except KeyError as exc:  # a g without its v
+        raise ModelFileError(f"missing tensor {file_name(exc.args[0])!r}", path) from None
+    except (AttributeError, TypeError):  # g or v is not a tensor
+        raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
+
+
+def load_hubert(path: Path) -> HubertEncoder:
+    """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", path)
+    fairseq = not path.is_dir()
+    if fairseq:
+        config, state = _read_hubert_fairseq(path)
+        state = {_rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=True): value for key, value in state.items()}
+        weights_path = path
+    else:
+        config, state, weights_path = _read_hubert_folder(path)
+
+    def file_name(key: str) -> str:  # our tensor name as the file spells it
+        return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
+
+    state = _fold_pos_conv(state, config, weights_path, file_name)
+    return load_checked(lambda: HubertEncoder(config), state, weights_path,
+                        ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], spell=file_name)
+
+
+# =============================================================================
+# 6. RMVPE pitch network
+# =============================================================================
 
 # RMVPE (Wei et al. 2023, "RMVPE: A Robust Model for Vocal Pitch Estimation in Polyphonic
 # Music") maps a log-mel spectrogram, read as a one-channel (time × mel) image, through a
@@ -2490,8 +1309,776 @@ class RMVPE(nn.Module):
         return np.concatenate(f0)
 
 
+# -----------------------------------------------------------------------------
+# 6b. RMVPE loading: rmvpe.pt
+# -----------------------------------------------------------------------------
+
+# rmvpe.pt is a bare state dict of RVC's E2E network. The hyper-parameters are not stored;
+# they follow from the tensor shapes and the number of indexed blocks. (The pooling size
+# leaves no trace in the weights; every known file uses (2, 2).)
+_RMVPE_PROBE = "unet.encoder.bn.weight"  # present in every RMVPE file, in nothing else we load
+
+
+def _rmvpe_count(state: Mapping[str, Any], pattern: str) -> int:
+    """1 + the largest index captured by `pattern` over the keys, 0 when none matches."""
+    rx = re.compile(pattern)
+    found = [int(m.group(1)) for key in state if isinstance(key, str) and (m := rx.match(key))]
+    return 1 + max(found) if found else 0
+
+
+def _rmvpe_shape(state: Mapping[str, Any], key: str, ndim: int, path: Path) -> tuple[int, ...]:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ModelFileError(f"not an RMVPE model: missing tensor {key!r}", path)
+    if value.dim() != ndim:
+        raise ModelFileError(f"tensor {key!r} has shape {list(value.shape)}, expected {ndim} dimensions", path)
+    return tuple(value.shape)
+
+
+def rmvpe_config_from_state(state: Mapping[str, Any], path: Path) -> RMVPEConfig:
+    """Infer the E2E hyper-parameters from an RMVPE state dict (ModelFileError if it is not one)."""
+    if "weight" in state and "config" in state:
+        raise ModelFileError("this is an RVC voice model (.pth), not an RMVPE model (rmvpe.pt)", path)
+    if _RMVPE_PROBE not in state:
+        raise ModelFileError(f"not an RMVPE model: missing tensor {_RMVPE_PROBE!r}", path)
+    cfg = RMVPEConfig(
+        n_blocks=_rmvpe_count(state, r"unet\.encoder\.layers\.\d+\.conv\.(\d+)\."),
+        n_gru=_rmvpe_count(state, r"fc\.0\.gru\.weight_ih_l(\d+)$"),
+        en_de_layers=_rmvpe_count(state, r"unet\.encoder\.layers\.(\d+)\."),
+        inter_layers=_rmvpe_count(state, r"unet\.intermediate\.layers\.(\d+)\."),
+        in_channels=_rmvpe_shape(state, _RMVPE_PROBE, 1, path)[0],
+        en_out_channels=_rmvpe_shape(state, "unet.encoder.layers.0.conv.0.conv.0.weight", 4, path)[0],
+    )
+    # 5 levels of 2×2 pooling take the 128 mel bands to 4 and need the 32-frame padding;
+    # deeper nets would need a different padding than the reference's.
+    if not 1 <= cfg.en_de_layers <= 5:
+        raise ModelFileError(f"unsupported RMVPE model: {cfg.en_de_layers} encoder levels (1 to 5 supported)", path)
+    for name in ("n_blocks", "n_gru", "inter_layers"):
+        if getattr(cfg, name) < 1:
+            raise ModelFileError(f"not an RMVPE model: no {name.replace('_', ' ')} found in the weights", path)
+    return cfg
+
+
+def load_rmvpe(path: Path) -> RMVPE:
+    """Load rmvpe.pt (any E2E size) as a float32 RMVPE in eval mode, refusing anything else."""
+    path = Path(path)
+    state = load_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise ModelFileError(f"not an RMVPE model: the file holds a {type(state).__name__}, not a state dict", path)
+    cfg = rmvpe_config_from_state(state, path)
+    # BatchNorm batch counters are training bookkeeping that some files omit.
+    counters = {k.removesuffix("running_mean") + "num_batches_tracked": torch.zeros((), dtype=torch.long)
+                for k in state if k.endswith(".running_mean")}
+    return load_checked(lambda: RMVPE(cfg), {**counters, **state}, path)
+
+
 # =============================================================================
-# 7. Pitch
+# 7. RVC synthesizer
+# =============================================================================
+
+# The synthesizer is VITS's inference half as RVC uses it: a text encoder turns content
+# features (+ coarse pitch) into a Gaussian prior over a latent z; a normalising flow run
+# backwards maps a sample of that prior to the decoder's latent; an NSF-HiFiGAN decoder,
+# driven by a sine excitation at the target pitch, turns the latent into a waveform.
+# Module and attribute names reproduce the WebUI's, so its state-dict keys load as they are
+# (after fold_weight_norm has turned every weight_g/weight_v pair into a plain `weight`).
+#
+# Masks: upstream multiplies by a sequence mask x_mask everywhere. We run batch 1 with the
+# whole sequence valid, so x_mask is all ones: multiplying by it is the identity and the
+# attention's masked_fill touches no element. Dropping the masks is therefore exact.
+
+LRELU_SLOPE = 0.1  # leaky ReLU slope everywhere except before the decoder's last conv
+FINAL_LRELU_SLOPE = 0.01  # upstream calls leaky_relu() with torch's default slope there
+ATTENTION_WINDOW = 10  # relative-position window of the text encoder's attention
+LAYER_NORM_EPS = 1e-5
+PRIOR_NOISE_SCALE = 0.66666  # scale of the prior sample's noise; upstream's literal constant
+FLOW_COUPLINGS = 4  # coupling layers in the flow (each followed by a channel flip)
+FLOW_KERNEL_SIZE = 5  # WaveNet kernel inside each coupling layer
+FLOW_DILATION_RATE = 1  # WaveNet layer i uses dilation FLOW_DILATION_RATE**i
+FLOW_WN_LAYERS = 3  # WaveNet layers inside each coupling layer
+DECODER_CONV_KERNEL = 7  # kernel of the decoder's conv_pre and conv_post
+SINE_AMP = 0.1  # amplitude of the NSF sine excitation
+NOISE_STD = 0.003  # std of the excitation's additive noise in voiced samples
+UNVOICED_NOISE_STD = SINE_AMP / 3  # std of the excitation noise in unvoiced samples
+SAMPLE_RATE_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
+FRAMES_PER_SECOND = 100  # synthesizer frames: 10 ms, so hop = sample_rate / 100
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {_short_repr(value)}")
+    return value
+
+
+def _int_list(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} must be a non-empty list of positive integers, got {_short_repr(value)}")
+    return tuple(_positive_int(v, name) for v in value)
+
+
+def upsample_padding(rate: int, kernel: int) -> tuple[int, int]:
+    """(padding, output_padding) of a decoder ConvTranspose1d stage.
+
+    Even rates use the WebUI rule (k - u) // 2. Odd rates use the rule of Applio's NSF
+    decoder (padding u // 2 + 1, output_padding 1), exact when k = 2u, where the WebUI rule
+    gives one sample too many (Applio's no-pitch decoder keeps that; we use the exact rule
+    for both). SynthConfig refuses any stage that is not exactly xu.
+    """
+    if rate % 2 == 0:
+        return (kernel - rate) // 2, 0
+    return rate // 2 + 1, 1
+
+
+def noise_conv_geometry(stride: int) -> tuple[int, int]:
+    """(kernel, padding) of the conv that brings the excitation down to a stage's rate.
+
+    The WebUI uses kernel 2s, padding s//2 (exact for even s); Applio's 2s - s%2 and
+    (kernel - s)//2 is the same for even s and also exact for odd s.
+    """
+    if stride == 1:
+        return 1, 0
+    kernel = 2 * stride - stride % 2
+    return kernel, (kernel - stride) // 2
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The hyper-parameters of the 18-element `config` list that matter at inference (§1.3)."""
+
+    inter_channels: int  # latent z channels
+    hidden_channels: int  # text encoder width, flow WaveNet width
+    filter_channels: int  # text encoder FFN inner width
+    n_heads: int
+    n_layers: int  # text encoder layers
+    kernel_size: int  # text encoder FFN kernel
+    resblock_kernel_sizes: tuple[int, ...]
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
+    upsample_rates: tuple[int, ...]
+    upsample_initial_channel: int
+    upsample_kernel_sizes: tuple[int, ...]
+    gin_channels: int  # speaker embedding size
+    sample_rate: int  # Hz
+
+    @property
+    def hop(self) -> int:
+        """Output samples per content frame."""
+        return math.prod(self.upsample_rates)
+
+    @classmethod
+    def from_list(cls, config: Any) -> "SynthConfig":
+        """Validate the WebUI config list; ValueError says what is wrong."""
+        if not isinstance(config, (list, tuple)) or len(config) != 18:
+            raise ValueError(f"expected a list of 18 hyper-parameters, got {_short_repr(config)}")
+        (_spec_channels, _segment_size, inter, hidden, filt, heads, layers, kernel, _p_dropout,
+         resblock, rb_kernels, rb_dilations, rates, initial, up_kernels, _spk_embed_dim, gin,
+         sample_rate) = config
+        if str(resblock) != "1":
+            raise ValueError(f"resblock type {resblock!r} is not supported (only \"1\")")
+        if isinstance(sample_rate, str):
+            if sample_rate not in SAMPLE_RATE_NAMES:
+                raise ValueError(f"unknown sample rate {sample_rate!r}")
+            sample_rate = SAMPLE_RATE_NAMES[sample_rate]
+        rb_kernels, rates, up_kernels = (_int_list(v, name) for v, name in (
+            (rb_kernels, "resblock_kernel_sizes"), (rates, "upsample_rates"),
+            (up_kernels, "upsample_kernel_sizes")))
+        if not isinstance(rb_dilations, (list, tuple)):
+            raise ValueError(f"resblock_dilation_sizes must be a list of lists, got {_short_repr(rb_dilations)}")
+        rb_dilations = tuple(_int_list(d, "resblock_dilation_sizes") for d in rb_dilations)
+        cfg = cls(_positive_int(inter, "inter_channels"), _positive_int(hidden, "hidden_channels"),
+                  _positive_int(filt, "filter_channels"), _positive_int(heads, "n_heads"),
+                  _positive_int(layers, "n_layers"), _positive_int(kernel, "kernel_size"),
+                  rb_kernels, rb_dilations, rates, _positive_int(initial, "upsample_initial_channel"),
+                  up_kernels, _positive_int(gin, "gin_channels"), _positive_int(sample_rate, "sample_rate"))
+        cfg._check_consistent()
+        return cfg
+
+    def _check_consistent(self) -> None:
+        if self.inter_channels % 2:
+            raise ValueError(f"inter_channels must be even (the flow splits it in halves), got {self.inter_channels}")
+        if self.hidden_channels % self.n_heads:
+            raise ValueError(f"hidden_channels {self.hidden_channels} is not divisible by n_heads {self.n_heads}")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise ValueError("upsample_rates and upsample_kernel_sizes differ in length")
+        if self.upsample_initial_channel >> len(self.upsample_rates) < 1:
+            raise ValueError(f"upsample_initial_channel {self.upsample_initial_channel} is too small "
+                             f"to halve {len(self.upsample_rates)} times")
+        for i, (rate, kernel) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):
+            padding, output_padding = upsample_padding(rate, kernel)
+            exact = kernel - 2 * padding + output_padding == rate and output_padding < rate
+            if not exact:
+                raise ValueError(f"upsample stage {i} (rate {rate}, kernel {kernel}) does not upsample "
+                                 f"exactly x{rate}; unsupported geometry")
+        if self.hop * FRAMES_PER_SECOND != self.sample_rate:
+            raise ValueError(f"upsample rates {list(self.upsample_rates)} give {self.hop} samples per "
+                             f"10 ms frame, but the sample rate is {self.sample_rate} Hz")
+
+
+def zero_embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table that starts at zero.
+
+    Weights always come from a file, so initial values are placeholders; zeros (unlike
+    nn.Embedding's random normal init) are also free to create on the meta device, where
+    the loader builds the net (a meta normal_() would import torch._dynamo: seconds).
+    """
+    return nn.Embedding.from_pretrained(torch.zeros(num, dim), freeze=False)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, T) tensor (parameters gamma/beta)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+        x = F.layer_norm(x.transpose(1, -1), self.gamma.shape, self.gamma, self.beta, LAYER_NORM_EPS)
+        return x.transpose(1, -1)
+
+
+def relative_to_absolute(rel: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, T, 2W+1) values indexed by distance j - i + W  ->  (B, H, T, T) indexed by j.
+
+    out[..., i, j] = rel[..., i, j - i + W] when |j - i| <= W, else 0. Row i has to move i
+    places right: lay the rows out with stride T + 2W + 1 and read them back with a stride
+    one shorter (every row then starts one element earlier than the previous one did).
+    """
+    b, h, t, r = rel.shape
+    stride = t + r
+    flat = F.pad(rel, (0, stride - r)).reshape(b, h, t * stride)
+    skewed = flat[..., : t * (stride - 1)].reshape(b, h, t, stride - 1)
+    return skewed[..., window: window + t]
+
+
+def absolute_to_relative(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, T, T) indexed by j  ->  (B, H, T, 2W+1) indexed by j - i + W (inverse skew).
+
+    out[..., i, r] = x[..., i, i + r - W], zero where that column does not exist.
+    """
+    b, h, t, _ = x.shape
+    stride = t + 2 * window
+    flat = F.pad(x, (window, window)).reshape(b, h, t * stride)
+    skewed = F.pad(flat, (0, t)).reshape(b, h, t, stride + 1)
+    return skewed[..., : 2 * window + 1]
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with learned relative-position keys and values (window ±W, shared by heads)."""
+
+    def __init__(self, channels: int, n_heads: int, window: int = ATTENTION_WINDOW):
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = n_heads, channels // n_heads, window
+        self.conv_q = nn.Conv1d(channels, channels, 1)
+        self.conv_k = nn.Conv1d(channels, channels, 1)
+        self.conv_v = nn.Conv1d(channels, channels, 1)
+        self.conv_o = nn.Conv1d(channels, channels, 1)
+        # (1, 2W+1, D) embeddings of the relative distances -W..W
+        self.emb_rel_k = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
+        self.emb_rel_v = nn.Parameter(torch.zeros(1, 2 * window + 1, self.head_dim))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, H, T, D)
+        b, _, t = x.shape
+        return x.view(b, self.n_heads, self.head_dim, t).transpose(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+        b, c, t = x.shape
+        q = self._heads(self.conv_q(x)) / math.sqrt(self.head_dim)  # (B, H, T, D), pre-scaled
+        k, v = self._heads(self.conv_k(x)), self._heads(self.conv_v(x))
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        scores = scores + relative_to_absolute(q @ self.emb_rel_k.transpose(-2, -1), self.window)
+        p = F.softmax(scores, dim=-1)  # (B, H, T, T)
+        out = p @ v + absolute_to_relative(p, self.window) @ self.emb_rel_v  # (B, H, T, D)
+        return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
+
+
+class FFN(nn.Module):
+    """Two 'same'-padded convolutions with a ReLU between them."""
+
+    def __init__(self, channels: int, filter_channels: int, kernel_size: int):
+        super().__init__()
+        self.pad = ((kernel_size - 1) // 2, kernel_size // 2)
+        self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
+        self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+        x = torch.relu(self.conv_1(F.pad(x, self.pad)))  # (B, filter, T)
+        return self.conv_2(F.pad(x, self.pad))
+
+
+class Encoder(nn.Module):
+    """Post-LN transformer: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int):
+        super().__init__()
+        self.attn_layers = nn.ModuleList(MultiHeadAttention(channels, n_heads) for _ in range(n_layers))
+        self.norm_layers_1 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
+        self.ffn_layers = nn.ModuleList(FFN(channels, filter_channels, kernel_size) for _ in range(n_layers))
+        self.norm_layers_2 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+        for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1,
+                                             self.ffn_layers, self.norm_layers_2):
+            x = norm_1(x + attn(x))
+            x = norm_2(x + ffn(x))
+        return x
+
+
+class TextEncoder(nn.Module):
+    """Content features (+ coarse pitch) -> prior mean m_p and log-std logs_p of z."""
+
+    def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool):
+        super().__init__()
+        self.hidden = cfg.hidden_channels
+        self.emb_phone = nn.Linear(phone_dim, cfg.hidden_channels)
+        self.emb_pitch = zero_embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
+        self.encoder = Encoder(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
+                               cfg.kernel_size)
+        self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
+
+    def forward(self, phone: torch.Tensor, pitch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.emb_phone(phone)  # (B, T, hidden)
+        if self.emb_pitch is not None:
+            x = x + self.emb_pitch(pitch)
+        x = F.leaky_relu(x * math.sqrt(self.hidden), LRELU_SLOPE)
+        x = self.encoder(x.transpose(1, 2))  # (B, hidden, T)
+        m_p, logs_p = self.proj(x).chunk(2, dim=1)  # (B, inter, T) each
+        return m_p, logs_p
+
+
+class WN(nn.Module):
+    """WaveNet stack: gated dilated convs conditioned on the speaker, summed skip outputs."""
+
+    def __init__(self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int):
+        super().__init__()
+        self.hidden = hidden
+        self.in_layers = nn.ModuleList()
+        self.res_skip_layers = nn.ModuleList()
+        for i in range(n_layers):
+            dilation = dilation_rate ** i
+            self.in_layers.append(nn.Conv1d(hidden, 2 * hidden, kernel_size, dilation=dilation,
+                                            padding=dilation * (kernel_size - 1) // 2))
+            last = i == n_layers - 1  # the last layer has no residual output, only a skip
+            self.res_skip_layers.append(nn.Conv1d(hidden, hidden if last else 2 * hidden, 1))
+        self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # x (B, H, T), g (B, gin, 1)
+        h = self.hidden
+        cond = self.cond_layer(g)  # (B, 2H*layers, 1), broadcast over time
+        out = torch.zeros_like(x)
+        for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
+            a = in_layer(x) + cond[:, 2 * h * i: 2 * h * (i + 1)]  # (B, 2H, T)
+            acts = torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:])
+            rs = res_skip(acts)
+            if i < len(self.in_layers) - 1:
+                x = x + rs[:, :h]
+                out = out + rs[:, h:]
+            else:
+                out = out + rs
+        return out  # (B, H, T)
+
+
+class ResidualCouplingLayer(nn.Module):
+    """Mean-only affine coupling: the second half of the channels is shifted by a function of the first."""
+
+    def __init__(self, channels: int, hidden: int, gin_channels: int):
+        super().__init__()
+        self.half = channels // 2
+        self.pre = nn.Conv1d(self.half, hidden, 1)
+        self.enc = WN(hidden, FLOW_KERNEL_SIZE, FLOW_DILATION_RATE, FLOW_WN_LAYERS, gin_channels)
+        self.post = nn.Conv1d(hidden, self.half, 1)
+
+    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+        x0, x1 = x.split(self.half, dim=1)  # (B, C/2, T) each
+        shift = self.post(self.enc(self.pre(x0), g))  # mean only: the log-scale is 0
+        return torch.cat([x0, x1 - shift], dim=1)
+
+
+class Flip(nn.Module):
+    """Reverse the channel order (its own inverse)."""
+
+    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, [1])
+
+
+class ResidualCouplingBlock(nn.Module):
+    """[coupling, flip] x FLOW_COUPLINGS; only the reverse (sampling) direction is needed."""
+
+    def __init__(self, cfg: SynthConfig):
+        super().__init__()
+        self.flows = nn.ModuleList()
+        for _ in range(FLOW_COUPLINGS):
+            self.flows.append(ResidualCouplingLayer(cfg.inter_channels, cfg.hidden_channels, cfg.gin_channels))
+            self.flows.append(Flip())
+
+    def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, inter, T)
+        for flow in reversed(self.flows):
+            x = flow.reverse(x, g)
+        return x
+
+
+class ResBlock1(nn.Module):
+    """HiFi-GAN residual block: per dilation d, x += conv(lrelu(conv_d(lrelu(x))))."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]):
+        super().__init__()
+        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                                              padding=d * (kernel_size - 1) // 2) for d in dilations)
+        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)
+                                    for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L)
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+        return x
+
+
+class SineGen(nn.Module):
+    """Sine excitation at F0 (harmonic_num 0), the 2026 WebUI algorithm (§2.5).
+
+    The phase is integrated per frame, interpolated to samples, and its wrap-arounds are
+    transferred onto the per-sample increments before the final cumulative sum. Always
+    float32: half precision cannot accumulate a phase over thousands of samples.
+    (Upstream also adds a random initial phase to every harmonic but the fundamental;
+    with harmonic_num 0 there is none, so it is omitted.)
+    """
+
+    def __init__(self, sample_rate: int):
+        super().__init__()
+        self.sample_rate = sample_rate
+
+    def forward(self, f0: torch.Tensor, upp: int, noise: torch.Tensor | None) -> torch.Tensor:
+        # f0: (B, T) Hz, 0 = unvoiced; noise: (B, T*upp, 1) standard normal or None
+        f0 = f0.float().unsqueeze(-1)  # (B, T, 1)
+        rad = (f0 / self.sample_rate) % 1  # phase increment per sample, in cycles
+        frame_phase = torch.cumsum(rad, dim=1) * upp  # (B, T, 1) phase at each frame's end
+        phase = F.interpolate(frame_phase.transpose(1, 2), scale_factor=float(upp), mode="linear",
+                              align_corners=True).transpose(1, 2) % 1  # (B, T*upp, 1)
+        rad = torch.repeat_interleave(rad, upp, dim=1)  # (B, T*upp, 1)
+        wrapped = (phase[:, 1:] - phase[:, :-1]) < 0  # the interpolated phase wrapped here
+        shift = F.pad(-wrapped.to(rad.dtype), (0, 0, 1, 0))  # (B, T*upp, 1)
+        sine = torch.sin(torch.cumsum(rad + shift, dim=1) * 2 * math.pi) * SINE_AMP
+        uv = torch.repeat_interleave((f0 > 0).to(sine.dtype), upp, dim=1)  # voiced flag per sample
+        excitation = sine * uv
+        if noise is not None:
+            excitation = excitation + (uv * NOISE_STD + (1 - uv) * UNVOICED_NOISE_STD) * noise
+        return excitation  # (B, T*upp, 1)
+
+
+class SourceModuleHnNSF(nn.Module):
+    """The sine excitation merged through a 1->1 linear layer and tanh."""
+
+    def __init__(self, sample_rate: int):
+        super().__init__()
+        self.l_sin_gen = SineGen(sample_rate)
+        self.l_linear = nn.Linear(1, 1)
+
+    def forward(self, f0: torch.Tensor, upp: int, noise: torch.Tensor | None) -> torch.Tensor:
+        sine = self.l_sin_gen(f0, upp, noise).to(self.l_linear.weight.dtype)  # (B, T*upp, 1)
+        return torch.tanh(self.l_linear(sine)).transpose(1, 2)  # (B, 1, T*upp)
+
+
+class Generator(nn.Module):
+    """HiFi-GAN decoder; with `nsf` it is GeneratorNSF, adding a pitch excitation at every stage."""
+
+    def __init__(self, cfg: SynthConfig, nsf: bool):
+        super().__init__()
+        rates, n_kernels = cfg.upsample_rates, len(cfg.resblock_kernel_sizes)
+        channels = [cfg.upsample_initial_channel >> i for i in range(len(rates) + 1)]  # halved per stage
+        self.hop, self.n_kernels = cfg.hop, n_kernels
+        # (registration order = the WebUI's, so state_dict() lists keys in the same order)
+        self.m_source = SourceModuleHnNSF(cfg.sample_rate) if nsf else None
+        self.noise_convs = nn.ModuleList() if nsf else None
+        for i in range(len(rates) if nsf else 0):
+            stride = math.prod(rates[i + 1:])  # excitation samples per sample of stage i
+            kernel, padding = noise_conv_geometry(stride)
+            self.noise_convs.append(nn.Conv1d(1, channels[i + 1], kernel, stride, padding=padding))
+        self.conv_pre = nn.Conv1d(cfg.inter_channels, channels[0], DECODER_CONV_KERNEL,
+                                  padding=DECODER_CONV_KERNEL // 2)
+        self.ups = nn.ModuleList()
+        for i, (rate, kernel) in enumerate(zip(rates, cfg.upsample_kernel_sizes)):
+            padding, output_padding = upsample_padding(rate, kernel)
+            self.ups.append(nn.ConvTranspose1d(channels[i], channels[i + 1], kernel, rate,
+                                               padding=padding, output_padding=output_padding))
+        self.resblocks = nn.ModuleList(
+            ResBlock1(channels[i + 1], k, d) for i in range(len(rates))
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
+        self.conv_post = nn.Conv1d(channels[-1], 1, DECODER_CONV_KERNEL, padding=DECODER_CONV_KERNEL // 2,
+                                   bias=False)
+        self.cond = nn.Conv1d(cfg.gin_channels, channels[0], 1)
+
+    def forward(self, z: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        # z (B, inter, T), g (B, gin, 1), f0 (B, T) Hz for NSF, noise (B, T*hop, 1) or None
+        source = self.m_source(f0, self.hop, noise) if self.m_source is not None else None  # (B, 1, T*hop)
+        x = self.conv_pre(z) + self.cond(g)  # (B, C0, T)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))  # (B, C_i, T * prod(rates[:i+1]))
+            if source is not None:
+                x = x + self.noise_convs[i](source)
+            blocks = self.resblocks[i * self.n_kernels: (i + 1) * self.n_kernels]
+            x = sum(block(x) for block in blocks) / self.n_kernels
+        return torch.tanh(self.conv_post(F.leaky_relu(x, FINAL_LRELU_SLOPE)))  # (B, 1, T*hop)
+
+
+def standard_normal(shape: Sequence[int], like: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, 1) noise drawn in float32 (on the generator's device), then moved to `like`."""
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    return noise.to(like.device, like.dtype)
+
+
+class Synthesizer(nn.Module):
+    """RVC's SynthesizerTrnMs{256,768}NSFsid[_nono], inference only (no posterior encoder enc_q)."""
+
+    def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool, n_speakers: int):
+        super().__init__()
+        self.cfg, self.phone_dim, self.has_f0, self.n_speakers = cfg, phone_dim, has_f0, n_speakers
+        self.enc_p = TextEncoder(cfg, phone_dim, has_f0)
+        self.dec = Generator(cfg, nsf=has_f0)
+        self.flow = ResidualCouplingBlock(cfg)
+        self.emb_g = zero_embedding(n_speakers, cfg.gin_channels)
+
+    @property
+    def hop(self) -> int:
+        return self.cfg.hop
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    def _check_inputs(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
+                      sid: torch.Tensor) -> None:
+        if phone.dim() != 3 or phone.shape[0] != 1 or phone.shape[2] != self.phone_dim:
+            raise ValueError(f"phone must be (1, T, {self.phone_dim}), got {tuple(phone.shape)}")
+        frames = (1, phone.shape[1])
+        if self.has_f0:
+            if pitch is None or nsff0 is None or tuple(pitch.shape) != frames or tuple(nsff0.shape) != frames:
+                raise ValueError(f"a pitch model needs pitch and nsff0 of shape {frames}")
+            if pitch.numel() and not 0 <= int(pitch.min()) <= int(pitch.max()) < F0_COARSE_BINS:
+                raise ValueError(f"coarse pitch must lie in 0..{F0_COARSE_BINS - 1}")
+        if sid.numel() != 1:
+            raise ValueError(f"sid must hold one speaker id, got shape {tuple(sid.shape)}")
+        speaker = int(sid.reshape(-1)[0])
+        if not 0 <= speaker < self.n_speakers:
+            raise UsageError(f"speaker id {speaker} out of range: the model has speakers 0..{self.n_speakers - 1}")
+
+    @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
+    def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
+                     sid: torch.Tensor, *, noise: bool = True,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """infer(), also returning the intermediate stages m_p, logs_p and z (the decoder input).
+
+        noise=False drops the two random terms (prior noise, excitation noise): deterministic.
+        With noise, every random number comes from `generator` when one is given.
+        """
+        self._check_inputs(phone, pitch, nsff0, sid)
+        weight = self.emb_g.weight
+        g = self.emb_g(sid.reshape(1).to(weight.device)).unsqueeze(-1)  # (1, gin, 1)
+        m_p, logs_p = self.enc_p(phone.to(weight.device, weight.dtype),
+                                 pitch.to(weight.device) if self.has_f0 else None)  # (1, inter, T) each
+        z_p = m_p  # the prior's mean, or a sample from it:
+        if noise:
+            z_p = m_p + torch.exp(logs_p) * standard_normal(m_p.shape, m_p, generator) * PRIOR_NOISE_SCALE
+        z = self.flow.reverse(z_p, g)  # (1, inter, T)
+        if self.has_f0:
+            f0 = nsff0.to(weight.device, torch.float32)  # (1, T) Hz
+            excitation_noise = None
+            if noise:
+                excitation_noise = standard_normal((1, f0.shape[1] * self.hop, 1), f0, generator)
+            out = self.dec(z, g, f0, excitation_noise)
+        else:
+            out = self.dec(z, g)
+        return {"m_p": m_p, "logs_p": logs_p, "z": z, "out": out[:, 0].float()}  # out (1, T*hop)
+
+    def infer(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
+              sid: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
+        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, generator=generator)["out"]
+
+
+# -----------------------------------------------------------------------------
+# 7b. Voice model loading: WebUI .pth files
+# -----------------------------------------------------------------------------
+
+# A voice model file (§1) is a dict: `weight` (the synthesizer's state dict without the
+# training-only posterior encoder enc_q, usually fp16, weight norm as weight_g/weight_v
+# pairs), `config` (18 constructor arguments), `info`, `sr`, `f0`, `version`, plus extra
+# keys from forks such as Applio. The architecture is read from the tensors themselves
+# (phone dim, pitch embedding, speaker table); `version`/`f0` only get a warning when they
+# disagree. Training checkpoints (G_*.pth) are refused rather than extracted on the fly:
+# they carry no config, and guessing the upsample rates from shapes would be fragile.
+
+PHONE_DIM_VERSIONS = {256: "v1", 768: "v2"}  # content feature size -> model version
+SUPPORTED_VOCODER = "HiFi-GAN"  # Applio's name for RVC's own (NSF-)HiFi-GAN decoder
+# Tensor-name prefixes of Applio's other decoders, which this file does not implement.
+FOREIGN_DECODER_PREFIXES = {
+    "MRF HiFi-GAN": ("dec.upsamples.", "dec.mrfs."),
+    "RefineGAN": ("dec.downsample_blocks.", "dec.upsample_blocks.", "dec.pre_conv.", "dec.mel_conv."),
+}
+# Extra keys Applio writes (§1.2); reported as metadata when present.
+APPLIO_METADATA_KEYS = ("epoch", "step", "creation_date", "model_hash", "dataset_length", "model_name",
+                        "author", "embedder_model", "speakers_id", "vocoder")
+CONTENTVEC_EMBEDDERS = (None, "contentvec")  # what hubert_base.pt is
+
+
+@dataclass
+class VoiceModel:
+    """A loaded RVC voice model: the synthesizer (fp32, eval mode) and facts about it."""
+
+    path: Path
+    net: Synthesizer
+    version: str  # "v1" (256-d content features) or "v2" (768-d)
+    sample_rate: int  # Hz of the synthesized audio
+    has_f0: bool  # pitch model (NSF decoder) or not
+    n_speakers: int
+    phone_dim: int
+    info: str
+    metadata: dict = field(default_factory=dict)  # JSON-serialisable facts for --info
+
+    @property
+    def hop(self) -> int:
+        """Output samples per 10 ms content frame."""
+        return self.net.hop
+
+
+def _is_fairseq_checkpoint(path: Path) -> bool:
+    try:
+        return any(name.startswith("fairseq.") for name in _pickled_globals(path))
+    except ModelFileError:
+        return False
+
+
+def _guess_contents(keys: Sequence[str]) -> str:
+    """A hint at what a non-voice-model file is, from its (state-dict) keys."""
+    if any(k.startswith(("unet.", "cnn.", "fc.")) for k in keys):
+        return " (it looks like an RMVPE pitch model)"
+    if any("feature_extractor" in k or "encoder.layers." in k for k in keys):
+        return " (it looks like a HuBERT content encoder)"
+    shown = ", ".join(repr(k) for k in sorted(keys)[:5])
+    return f" (its keys: {shown}{', ...' if len(keys) > 5 else ''})" if keys else " (it is empty)"
+
+
+def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
+    """The file's dict, once it is known to hold a voice model's `weight` dict of tensors."""
+    try:
+        ckpt = load_torch_file(path)
+    except ModelFileError as exc:
+        if exc.message.startswith("unsafe") and _is_fairseq_checkpoint(path):
+            raise ModelFileError("not a voice model: this is a fairseq checkpoint "
+                                 "(a HuBERT/ContentVec content encoder such as hubert_base.pt?)", path) from exc
+        raise
+    if not isinstance(ckpt, Mapping):
+        raise ModelFileError(f"not a voice model: the file holds a {type(ckpt).__name__}, not a dict", path)
+    if "weight" not in ckpt:
+        model = ckpt.get("model")
+        keys = [str(k) for k in (model if isinstance(model, Mapping) else ckpt)]
+        if any(k.startswith("discriminators.") for k in keys):
+            raise ModelFileError("discriminator checkpoint (D_*.pth), not a voice model", path)
+        if any(k.startswith(("enc_p.", "flow.", "dec.")) for k in keys):
+            raise ModelFileError("this is a training checkpoint (G_*.pth), not a voice model; extract a "
+                                 "small model first (WebUI: ckpt processing -> extract)", path)
+        raise ModelFileError(f"not a voice model: it has no 'weight' state dict{_guess_contents(keys)}", path)
+    weight = ckpt["weight"]
+    if not isinstance(weight, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weight.items()):
+        raise ModelFileError("not a voice model: 'weight' is not a dict of named tensors", path)
+    return ckpt
+
+
+def _refuse_foreign_decoder(ckpt: Mapping[str, Any], weight: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Applio's MRF HiFi-GAN and RefineGAN decoders: by the `vocoder` key or by their tensors."""
+    vocoder = ckpt.get("vocoder")
+    if vocoder not in (None, SUPPORTED_VOCODER):
+        raise ModelFileError(f"unsupported vocoder {vocoder!r} (an Applio decoder); only RVC's "
+                             f"{SUPPORTED_VOCODER}/NSF decoder is implemented", path)
+    for name, prefixes in FOREIGN_DECODER_PREFIXES.items():
+        if any(key.startswith(prefixes) for key in weight):
+            raise ModelFileError(f"unsupported vocoder: its decoder tensors are those of Applio's {name}; "
+                                 f"only RVC's {SUPPORTED_VOCODER}/NSF decoder is implemented", path)
+    source = weight.get("dec.m_source.l_linear.weight")
+    if source is not None and source.shape[-1] != 1:
+        raise ModelFileError(f"unsupported vocoder: its sine source has {source.shape[-1]} harmonics "
+                             "(Applio's MRF HiFi-GAN?); only RVC's single-sine NSF decoder is implemented", path)
+
+
+def _matrix(weight: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    if key not in weight:
+        raise ModelFileError(f"missing tensor {key!r}", path)
+    if weight[key].dim() != 2:
+        raise ModelFileError(f"tensor {key!r} has shape {list(weight[key].shape)}, expected a matrix", path)
+    return weight[key]
+
+
+def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, path: Path) -> None:
+    """The weights decide; a contradicting `version`/`f0` key is worth a warning, and so is an
+    embedder other than ContentVec (the content encoder must match the one used in training)."""
+    declared = ckpt.get("version")
+    if declared is not None and declared != version:
+        warn(f"{path.name}: the file says version {declared!r}, but its weights take "
+             f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
+    f0 = ckpt.get("f0")
+    if f0 is not None and (str(f0).lower() in ("1", "true")) != has_f0:  # 1/0 (WebUI), True/False (Applio)
+        warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
+             f"{'with' if has_f0 else 'without'} pitch; using them as such")
+    embedder = ckpt.get("embedder_model")
+    if embedder not in CONTENTVEC_EMBEDDERS:
+        warn(f"{path.name}: this model was trained with the {embedder!r} content encoder; "
+             "it needs that encoder's HuBERT weights, ContentVec (hubert_base.pt) will sound poor")
+
+
+def load_voice_model(path: Path) -> VoiceModel:
+    """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
+    path = Path(path)
+    ckpt = _read_voice_checkpoint(path)
+    weight = ckpt["weight"]
+    _refuse_foreign_decoder(ckpt, weight, path)
+    try:
+        cfg = SynthConfig.from_list(ckpt.get("config"))
+    except ValueError as exc:
+        raise ModelFileError(f"bad 'config' in voice model: {exc}", path) from exc
+
+    phone_dim = _matrix(weight, "enc_p.emb_phone.weight", path).shape[1]
+    if phone_dim not in PHONE_DIM_VERSIONS:
+        raise ModelFileError(f"unsupported content feature size {phone_dim} (enc_p.emb_phone.weight): "
+                             "expected 256 (v1) or 768 (v2)", path)
+    version = PHONE_DIM_VERSIONS[phone_dim]
+    has_f0 = "enc_p.emb_pitch.weight" in weight
+    n_speakers = _matrix(weight, "emb_g.weight", path).shape[0]  # config[15] is stale: upstream rule
+    _warn_on_disagreement(ckpt, version, has_f0, path)
+
+    try:
+        state = fold_weight_norm(weight)
+    except KeyError as exc:
+        raise ModelFileError(f"missing tensor {exc.args[0]!r} (other half of a weight-norm pair)", path) from exc
+    net = load_checked(lambda: Synthesizer(cfg, phone_dim, has_f0, n_speakers), state, path,
+                       ignore=[k for k in state if k.startswith("enc_q.")])
+    for key, value in net.state_dict().items():
+        if not _all_finite(value):
+            raise ModelFileError(f"tensor {key!r} has non-finite values (NaN or infinity)", path)
+
+    info = ckpt.get("info")
+    info = "" if info is None else str(info)
+    metadata = {
+        "version": version, "sample_rate": cfg.sample_rate, "sr": _json_safe(ckpt.get("sr")),
+        "f0": has_f0, "speakers": n_speakers, "phone_dim": phone_dim, "hop": cfg.hop,
+        "upsample_rates": list(cfg.upsample_rates), "info": info,
+        "parameters": sum(p.numel() for p in net.parameters()), "tensors": len(weight),
+        "weights_dtype": ",".join(sorted({str(v.dtype).removeprefix("torch.") for v in weight.values()})),
+    }
+    metadata.update({key: _json_safe(ckpt[key]) for key in APPLIO_METADATA_KEYS if key in ckpt})
+    return VoiceModel(path, net, version, cfg.sample_rate, has_f0, n_speakers, phone_dim, info, metadata)
+
+
+# =============================================================================
+# 8. Pitch
 # =============================================================================
 
 F0_METHODS = ("rmvpe", "harvest", "dio", "crepe", "pm")
@@ -2505,19 +2092,6 @@ HARVEST_MEDIAN = 3  # harvest's median filter kernel; filter_radius > 2 only swi
 F0_BLOCK_FRAMES = 6000  # WORLD estimators run on 60 s blocks of long inputs (see in_blocks)
 F0_BLOCK_CONTEXT = 300  # frames (3 s) of signal on each side of a block, discarded after
 F0_BLOCK_WORKERS = 4  # blocks estimated at once, at most (harvest: ~0.5 GB each)
-
-
-def _import_optional(method: str) -> Any:
-    module_name, package = F0_OPTIONAL_PACKAGES[method]
-    import importlib
-
-    try:
-        if method == "crepe":
-            return _import_torchcrepe()
-        return importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"--f0_method {method} needs the optional package {package}: pip install {package}",
-                         "--f0_method") from exc
 
 
 def _import_torchcrepe() -> Any:
@@ -2538,6 +2112,19 @@ def _import_torchcrepe() -> Any:
         del sys.modules[name]
     sys.modules["torchaudio"] = types.ModuleType("torchaudio")  # placeholder: torchcrepe.load.audio is unused
     return importlib.import_module("torchcrepe")
+
+
+def _import_optional(method: str) -> Any:
+    module_name, package = F0_OPTIONAL_PACKAGES[method]
+    import importlib
+
+    try:
+        if method == "crepe":
+            return _import_torchcrepe()
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--f0_method {method} needs the optional package {package}: pip install {package}",
+                         "--f0_method") from exc
 
 
 def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
@@ -2692,8 +2279,9 @@ def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: in
     f0 = f0 * 2 ** (f0_up_key / 12)
     return coarse_pitch(f0), f0
 
+
 # =============================================================================
-# 8. Retrieval
+# 9. Retrieval
 # =============================================================================
 
 INDEX_NEIGHBOURS = 8  # k nearest stored features blended per frame (§5.7 step 4)
@@ -2748,8 +2336,9 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
     retrieved[~found] = feats[~found]  # nothing retrieved: keep the frame as it is
     return retrieved.astype(np.float32)
 
+
 # =============================================================================
-# 9. Pipeline
+# 10. Pipeline
 # =============================================================================
 
 # Segmentation constants (§5.2): the WebUI's fp32 values, used on every device so that
@@ -3016,6 +2605,414 @@ class Converter:
         weight[pitchf < 1] = protect
         weight = weight[..., None]  # (1, T, 1)
         return (feats * weight + raw * (1 - weight)).to(raw.dtype)
+
+
+# =============================================================================
+# 11. Options
+# =============================================================================
+
+MODELS_DIR_ENV, HUBERT_ENV, RMVPE_ENV = "RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "models"
+VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
+HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
+DEVICES_HELP = "auto|cpu|cuda|cuda:N"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
+RANGES: dict[str, tuple[type, float, float]] = {
+    "f0_up_key": (int, -48, 48),  # semitones; four octaves either way
+    "index_rate": (float, 0.0, 1.0),
+    "filter_radius": (int, 0, 7),
+    "rms_mix_rate": (float, 0.0, 1.0),
+    "protect": (float, 0.0, 0.5),
+    "resample_sr": (int, 8000, 192000),  # or 0: keep the model's rate
+    "speaker_id": (int, 0, 2**31 - 1),
+    "seed": (int, 0, 2**63 - 1),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as a UsageError (one line, our exit code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _ranged(name: str) -> Callable[[str], Any]:
+    kind, low, high = RANGES[name]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if name == "resample_sr" and value == 0:
+            return value
+        if not (low <= value <= high) or (kind is float and not math.isfinite(value)):
+            allowed = f"0 or {low}..{high}" if name == "resample_sr" else f"{low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be in {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False,
+                     description="Convert the voice in a recording to the voice of an RVC model.",
+                     epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
+                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
+
+    defaults = ConversionParams()  # the WebUI's defaults, stated once (section 9)
+
+    def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
+
+    parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present)")
+    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg")
+    parser.add_argument("model", nargs="?", help="voice model name: <models_dir>/rvc/MODEL.pth")
+    option("index_name", metavar="NAME", help="feature index name: <models_dir>/rvc/NAME.index")
+    option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
+    option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
+                                          f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
+    option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
+    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
+           help="transpose by N semitones (default %(default)s)")
+    option("f0_method", choices=F0_METHODS, default=None,
+           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest)")
+    option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
+           help=f"share of retrieved features, 0..1 (default {defaults.index_rate}; needs --index_name)")
+    option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
+           help="harvest: median-filter the pitch when >= 3 (default %(default)s)")
+    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=defaults.rms_mix_rate, metavar="R",
+           help="0: output loudness follows the input, 1: the model's own (default %(default)s)")
+    option("protect", type=_ranged("protect"), default=defaults.protect, metavar="P",
+           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default %(default)s)")
+    option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
+           help="output sample rate; 0 keeps the model's (default %(default)s)")
+    option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=defaults.speaker_id, metavar="N",
+           help="speaker of a multi-speaker model (default %(default)s)")
+    option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
+    option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
+    option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
+    option("no_noise", action="store_true", help="switch the synthesizer's random terms off (deterministic)")
+    option("interp_unvoiced", action="store_true",
+           help="fill unvoiced pitch from its neighbours (2026 WebUI; protect then has no effect)")
+    option("json", action="store_true", help="print exactly one JSON object on stdout")
+    option("check", action="store_true", help="check that everything a conversion needs is usable; convert nothing")
+    option("list_models", action="store_true", help="list the voice models in the models folder")
+    option("info", metavar="MODEL", help="describe one voice model")
+    option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
+    option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
+    return parser
+
+
+# =============================================================================
+# 12. Modes
+# =============================================================================
+
+PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a terminal
+
+
+def check_name(name: str, option: str, suffix: str) -> str:
+    """MODEL and --index_name are base names inside the models folder, never paths."""
+    if name.endswith(suffix):
+        name = name[: -len(suffix)]
+    bad = (not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".")
+           or ".." in name or (os.altsep is not None and os.altsep in name))
+    if bad:
+        raise UsageError(f"{option} must be a plain name inside the models folder, not a path: {name!r}", option)
+    return name
+
+
+@dataclass
+class Paths:
+    """Where every file of a run is, resolved from options, environment and defaults."""
+
+    models_dir: Path
+    model: Path | None = None
+    index: Path | None = None
+    hubert: Path | None = None
+    rmvpe: Path | None = None
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> "Paths":
+        models_dir = Path(args.models_dir or os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR)
+        paths = cls(models_dir)
+        hubert = args.hubert or os.environ.get(HUBERT_ENV)
+        if hubert:
+            paths.hubert = Path(hubert)
+        else:
+            file, folder = models_dir / HUBERT_FILE, models_dir / HUBERT_FOLDER
+            paths.hubert = folder if folder.is_dir() and not file.exists() else file
+        paths.rmvpe = Path(args.rmvpe or os.environ.get(RMVPE_ENV) or models_dir / RMVPE_FILE)
+        return paths
+
+    def voice_model(self, name: str, option: str = "MODEL") -> Path:
+        path = self.models_dir / VOICE_SUBDIR / f"{check_name(name, option, '.pth')}.pth"
+        if not path.is_file():
+            raise NotFoundError("voice model not found", path)
+        return path
+
+    def feature_index(self, name: str) -> Path:
+        name = check_name(name, "--index_name", ".index")
+        path = self.models_dir / VOICE_SUBDIR / f"{name}.index"
+        if "trained" in name:  # users often pick the trained_*.index, which holds no vectors (§5.1)
+            added = path.with_name(f"{name.replace('trained', 'added')}.index")
+            if added.is_file():
+                warn(f"using {added.name} instead of {path.name} (a trained_*.index holds no vectors)")
+                path = added
+        if not path.is_file():
+            raise NotFoundError("index file not found", path)
+        return path
+
+
+def resolve_device(spec: str, precision: str) -> tuple[torch.device, torch.dtype]:
+    """--device and --precision to a torch device and dtype, checking both are usable."""
+    if spec == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif spec == "cpu" or re.fullmatch(r"cuda(:\d+)?", spec):
+        device = torch.device(spec)
+    else:
+        raise UsageError(f"--device must be {DEVICES_HELP}, got {spec!r}", "--device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("no CUDA GPU is visible to torch", "--device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"there is no {spec}; torch sees {torch.cuda.device_count()} GPU(s)", "--device")
+    if precision == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU", "--precision")
+    return device, PRECISIONS[precision]
+
+
+def choose_f0_method(requested: str | None, rmvpe_path: Path) -> str:
+    """rmvpe by default when its weights are there, harvest otherwise."""
+    if requested is None:
+        return "rmvpe" if rmvpe_path.is_file() else "harvest"
+    if requested in F0_OPTIONAL_PACKAGES:
+        _import_optional(requested)
+    elif requested == "rmvpe" and not rmvpe_path.is_file():
+        raise NotFoundError("--f0_method rmvpe needs the RMVPE weights (rmvpe.pt); not found", rmvpe_path)
+    return requested
+
+
+@dataclass
+class Run:
+    """One invocation: parsed options, resolved paths, and what --json reports."""
+
+    args: argparse.Namespace
+    paths: Paths
+    report: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def say(self, message: str) -> None:
+        """Information for a person at a terminal: stderr, silenced by --quiet."""
+        if not self.args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def detail(self, message: str) -> None:
+        if self.args.verbose and not self.args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _model_summary(voice: "VoiceModel", name: str) -> dict:
+    return {"name": name, "version": voice.version, "sample_rate": voice.sample_rate, "f0": voice.has_f0,
+            "speakers": voice.n_speakers, "info": voice.info, **{k: v for k, v in voice.metadata.items()
+                                                                   if k not in ("version", "sample_rate", "f0")}}
+
+
+def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
+    """Index files that belong to a model, by the WebUI's naming rules (§6.2)."""
+    exp = re.sub(r"_e\d+_s\d+$", "", model_name)
+    return sorted(n for n in index_names if "trained" not in n and (
+        n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
+
+
+def list_models(run: Run) -> int:
+    folder = run.paths.models_dir / VOICE_SUBDIR
+    if not folder.is_dir():
+        raise NotFoundError("no voice model folder", folder)
+    indexes = [p.stem for p in folder.glob("*.index")]
+    models = []
+    for path in sorted(folder.glob("*.pth")):
+        try:
+            entry = _model_summary(load_voice_model(path), path.stem)
+        except RVCError as exc:
+            entry = {"name": path.stem, "error": str(exc)}
+        entry["indexes"] = matching_indexes(path.stem, indexes)
+        models.append(entry)
+    run.report.update(models_dir=str(run.paths.models_dir), models=models)
+    if not run.args.json:
+        for m in models:
+            if "error" in m:
+                print(f"{m['name']}\tunusable: {m['error']}")
+            else:
+                print(f"{m['name']}\t{m['version']}\t{m['sample_rate']} Hz\t{'f0' if m['f0'] else 'no-f0'}\t"
+                      f"{m['speakers']} speaker(s)\tindex: {', '.join(m['indexes']) or '-'}")
+    return EXIT_OK
+
+
+def model_info(run: Run) -> int:
+    path = run.paths.voice_model(run.args.info, "--info")
+    folder = path.parent
+    entry = _model_summary(load_voice_model(path), path.stem)
+    entry["indexes"] = matching_indexes(path.stem, [p.stem for p in folder.glob("*.index")])
+    entry["path"] = str(path)
+    run.report["model"] = entry
+    if not run.args.json:
+        for key, value in entry.items():
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
+_COMMITTING = False  # set once the output is being renamed into place: too late to stop
+
+
+def _begin_commit() -> None:
+    global _COMMITTING
+    _COMMITTING = True
+
+
+_SIGNAL_RECEIVED: list[str] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
+    swallows), so every cleanup on the way out runs and no partial output remains."""
+    if not _COMMITTING:
+        _SIGNAL_RECEIVED.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+
+def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
+    """Everything before the conversion itself: also the whole of --check."""
+    args, paths = run.args, run.paths
+    if not (args.input and args.output and args.model):
+        raise UsageError("INPUT, OUTPUT and MODEL are required")
+    model_path = paths.voice_model(args.model)
+    index_path = paths.feature_index(args.index_name) if args.index_name else None
+    output = Path(args.output)
+    check_output_writable(output)
+    device, dtype = resolve_device(args.device, args.precision)
+    audio = read_input_audio(Path(args.input))
+
+    timings = Timings()
+    start = time.perf_counter()
+    voice = load_voice_model(model_path)
+    if args.speaker_id >= voice.n_speakers:
+        raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
+                         "--speaker_id")
+    method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
+    if index_path is None and args.index_rate is not None:
+        warn("--index_rate has no effect without --index_name")
+    index = load_index(index_path, voice.phone_dim) if index_path else None
+    hubert = load_hubert(paths.hubert)
+    rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
+    timings.load = time.perf_counter() - start
+    run.detail(f"loaded models in {timings.load:.2f} s")
+
+    params = ConversionParams(
+        f0_up_key=args.f0_up_key, f0_method=method or "none",
+        index_rate=ConversionParams.index_rate if args.index_rate is None else args.index_rate,
+        filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
+        resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
+        interp_unvoiced=args.interp_unvoiced)
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype)
+    run.report.update(
+        output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
+        model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
+        f0_method=method, device=str(device), precision=next(k for k, v in PRECISIONS.items() if v == dtype),
+        input_duration=round(audio.duration, 6), timings=timings)
+    return converter, audio, params
+
+
+def convert(run: Run) -> int:
+    converter, audio, params = prepare(run)
+    if run.args.check:
+        run.report["check"] = "ok"
+        run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
+        return EXIT_OK
+    timings: Timings = run.report["timings"]
+    long_input = audio.duration >= PROGRESS_MIN_SECONDS and sys.stderr.isatty() and not run.args.quiet
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"\rconverting: {stage} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    try:
+        samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
+    except (RuntimeError, MemoryError) as exc:
+        raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
+    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=_begin_commit)
+    total = time.perf_counter() - run.started
+    run.report.update(sample_rate=rate, output_duration=round(len(samples) / rate, 6))
+    run.say(f"wrote {run.args.output}: {len(samples) / rate:.2f} s at {rate} Hz in {total:.1f} s "
+            f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
+    return EXIT_OK
+
+
+# =============================================================================
+# 13. Command line
+# =============================================================================
+
+def _emit_json(run: Run | None, code: int, error: RVCError | None) -> None:
+    report: dict[str, Any] = {"ok": code == EXIT_OK, "exit_code": code}
+    if run is not None:
+        report.update(run.report)
+        if isinstance(report.get("timings"), Timings):
+            t: Timings = report["timings"]
+            report["timings"] = {"load": t.load, "f0": t.f0, "features": t.features, "synthesis": t.synthesis,
+                                 "total": time.perf_counter() - run.started}
+    if error is not None:
+        report.update(error=error.kind, message=str(error))
+    report["warnings"] = list(WARNINGS)
+    print(json.dumps(report, default=str), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    verbose = "--verbose" in argv
+    run: Run | None = None
+    error: RVCError | None = None
+    if not verbose:  # stderr is an API: libraries' own warnings (deprecations, ...) stay off it
+        import warnings
+
+        warnings.simplefilter("ignore")
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args = build_parser().parse_args(argv)
+        run = Run(args, Paths.resolve(args))
+        if args.list_models:
+            code = list_models(run)
+        elif args.info:
+            code = model_info(run)
+        else:
+            code = convert(run)
+    except RVCError as exc:
+        error, code = exc, exc.exit_code
+    except KeyboardInterrupt:
+        error = Interrupted(f"interrupted by {_SIGNAL_RECEIVED[-1] if _SIGNAL_RECEIVED else 'SIGINT'}")
+        code = error.exit_code
+    except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
+        error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
+        code = EXIT_INTERNAL
+        if not verbose:
+            error.message += " (run with --verbose for the traceback)"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if error is not None:
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if want_json:
+        _emit_json(run, code, error)
+    return code
 
 
 if __name__ == "__main__":
