@@ -9,32 +9,36 @@ loads the files users already have: WebUI voice models (`.pth`, v1/v2, 32k/40k/4
 or without pitch), `hubert_base.pt` (fairseq format, read without fairseq) or a
 transformers-format HuBERT folder, `rmvpe.pt`, and faiss `.index` files.
 
-The specification we work to is SPEC.md (shared with the fixtures); section numbers
-below (§n) refer to it. Sources read for facts (key names, shapes, constants):
+Sources read for facts (key names, shapes, constants, the order of operations):
   - RVC WebUI, RVC-Project/Retrieval-based-Voice-Conversion-WebUI (main @ 4338f12, and
     the classic 20240604 branch): synthesizer, pipeline, RMVPE, index building.
   - fairseq (facebookresearch/fairseq): HuBERT / wav2vec 2.0 encoder and checkpoint layout.
   - transformers (huggingface/transformers): modeling_hubert.py and its fairseq converter.
   - Applio (IAHispano/Applio): the extra keys and vocoders forks write into `.pth` files.
-No code was copied from them.
+No code was copied from them. "The reference" below means the WebUI's inference code.
 
-Map of this file, in order:
-  1. Constants        audio, pipeline and pitch constants, stated once.
-  2. CLI              argument parsing, the run and its reporting (--json), entry point.
-  3. Errors           exit codes and the exception types that carry them.
-  4. Audio I/O        decoding any input to 16 kHz mono, atomic writing of the output.
-  5. Weight loading   safe unpickling, weight-norm folding, key/shape checking, and the
-                      loaders for voice models, HuBERT and RMVPE.
-  6. Networks         HuBERT content encoder, RVC synthesizer (text encoder, flow,
-                      NSF-HiFiGAN), RMVPE pitch network.
-  7. Pitch            F0 estimators (rmvpe, harvest, dio, crepe, pm) and coarse pitch.
-  8. Retrieval        faiss index loading and feature blending.
-  9. Pipeline         segmentation, per-segment conversion and post-processing (§5).
+Map of this file, in the order the data flows. Each section uses only what stands above
+it (tests/test_structure.py checks that), so it can be read from the top down.
+   1. Constants       the 16 kHz sample rate and 10 ms frame grid every stage shares.
+   2. Errors          exit codes, the exceptions that carry them, warnings.
+   3. Audio I/O       decoding any input to 16 kHz mono, atomic writing of the output.
+   4. Weight loading  safe unpickling, safetensors, weight-norm folding, key/shape checks.
+   5. HuBERT          the content encoder, then its loader (fairseq file or transformers folder).
+   6. RMVPE           the pitch network with its mel front-end and decoding, then its loader.
+   7. Synthesizer     text encoder, flow and NSF-HiFiGAN decoder, then the voice model loader.
+   8. Pitch           the F0 estimators (rmvpe, harvest, dio, crepe, pm) and coarse pitch.
+   9. Retrieval       faiss index loading and feature blending.
+  10. Pipeline        conditioning, segmentation, per-segment conversion, post-processing.
+  11. Options         the command-line options: names, defaults, ranges, where files are.
+  12. Modes           a run and what it owns; convert, check, list models, model info.
+                      (The service worker and the training tools belong here, after them.)
+  13. Command line    the entry point: one run, its exit code and its --json report.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
@@ -44,9 +48,10 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 # oneDNN (PyTorch's CPU convolution library) caches a primitive, with its scratch memory,
 # for every input shape it sees. Every segment of a long input has a different length, so
@@ -67,16 +72,16 @@ __version__ = "0.1.0"
 # =============================================================================
 
 SAMPLE_RATE = 16000  # Hz: HuBERT, the F0 estimators and the pipeline all work at 16 kHz
-HOP = 160  # samples per pitch frame at 16 kHz: 10 ms, 100 frames/s
-HUBERT_HOP = 320  # samples per HuBERT frame: 20 ms, 50 frames/s (twice HOP)
+HOP = 160  # samples per frame at 16 kHz (10 ms): pitch, content features and synthesis
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP  # 100; the synthesizer makes sample_rate / 100 samples a frame
+HUBERT_HOP = 320  # samples per HuBERT frame (20 ms): each feature covers HUBERT_HOP // HOP frames
 
-# Pitch range and the mel-scaled coarse pitch that the text encoder embeds (§4.1).
-F0_MIN = 50.0  # Hz
-F0_MAX = 1100.0  # Hz
-F0_MEL_MIN = 1127.0 * math.log(1.0 + F0_MIN / 700.0)  # ~77.755
-F0_MEL_MAX = 1127.0 * math.log(1.0 + F0_MAX / 700.0)  # ~1064.408
-F0_COARSE_BINS = 256  # coarse pitch in 1..255; 1 means unvoiced
-Progress = Callable[[str, int, int], None]  # progress(stage, done, total), stage "pitch" or "segment"
+F0_MIN, F0_MAX = 50.0, 1100.0  # Hz: the pitch range every estimator searches
+F0_COARSE_BINS = 256  # the text encoder embeds pitch as one of 256 bins (Pitch section)
+
+# progress(stage, done, total) for long inputs: stage "pitch" or "segment", called with
+# done = 0 when the stage starts and after each of its `total` pieces.
+Progress = Callable[[str, int, int], None]
 
 
 # =============================================================================
@@ -144,13 +149,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-WARNINGS: list[str] = []  # every warning of this run, also reported by --json
+# Code that may warn (the input was clipped, a model file contradicts itself, ...) takes a
+# `warn` callable: a run passes its own (Modes section), which also keeps the warning for
+# --json; used on its own, the warning goes to stderr only.
+Warn = Callable[[str], None]
 
 
-def warn(message: str) -> None:
-    """A one-line warning on stderr (the input was clipped, resampled, ...)."""
-    WARNINGS.append(message)
+def print_warning(message: str) -> None:
+    """A one-line warning on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Libraries' own Python warnings (deprecations, ...) stay off stderr, which is an API."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 # =============================================================================
@@ -160,8 +175,8 @@ def warn(message: str) -> None:
 # Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
 # WebUI's int16 samples exactly; OGG is Vorbis (lossy).
 OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
-INPUT_PEAK = 0.95  # §5.1: louder inputs are attenuated to this peak (never amplified)
-OUTPUT_PEAK = 0.99  # §5.8: louder outputs are normalised to this peak before int16
+INPUT_PEAK = 0.95  # louder inputs are attenuated to this peak before conversion (never amplified)
+OUTPUT_PEAK = 0.99  # louder outputs are normalised to this peak before int16
 INT16_SCALE = 32768.0
 CLIP_LEVEL = 32767 / 32768  # |sample| at full scale (the int16 maximum) or beyond
 CLIPPED_SAMPLES_TO_WARN = 3  # a lone full-scale peak is legitimate; several suggest clipping
@@ -188,12 +203,9 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     except (RuntimeError, sf.LibsndfileError, ValueError, EOFError) as sf_error:
         # MP3/M4A/... where libsndfile cannot: librosa falls back to audioread (ffmpeg).
         try:
-            import warnings
-
             import librosa
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_library_warnings():
                 data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
         except Exception:
             raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
@@ -221,7 +233,7 @@ def downmix(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1, dtype=np.float32)
 
 
-def read_input_audio(path: Path) -> InputAudio:
+def read_input_audio(path: Path, warn: Warn = print_warning) -> InputAudio:
     """Read an input file as the pipeline wants it: mono float32 at 16 kHz.
 
     Channels are mixed down as the WebUI's ffmpeg does, other rates resampled.
@@ -251,7 +263,8 @@ def read_input_audio(path: Path) -> InputAudio:
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
-    """§5.8: int16 samples; outputs peaking above 0.99 are normalised to that peak."""
+    """int16 samples as the reference makes them; outputs peaking above OUTPUT_PEAK are
+    normalised to that peak, others are left as they are."""
     peak = float(np.abs(audio).max()) / OUTPUT_PEAK if audio.size else 0.0
     scale = INT16_SCALE / peak if peak > 1 else INT16_SCALE
     return (audio * np.float32(scale)).astype(np.int16)  # truncation toward zero, as the reference
@@ -261,7 +274,8 @@ def output_format(path: Path) -> tuple[str, str]:
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         supported = ", ".join(OUTPUT_FORMATS)
-        raise UsageError(f"unsupported output format {Path(path).suffix or '(no extension)'!r}; use one of {supported}", path)
+        extension = Path(path).suffix or "(no extension)"
+        raise UsageError(f"unsupported output format {extension!r}; use one of {supported}", path)
     return fmt
 
 
@@ -527,14 +541,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return str(value)
-
-
 # =============================================================================
 # 5. HuBERT content encoder
 # =============================================================================
@@ -542,10 +548,16 @@ def _json_safe(value: Any) -> Any:
 # HuBERT-base turns 16 kHz audio into one content vector per 20 ms: a strided conv stack
 # (the "feature extractor"), a projection to the model width, a convolutional positional
 # embedding, then a post-LN transformer. RVC's hubert_base.pt is this architecture with
-# ContentVec weights (§3.1). Module and tensor names follow transformers' HubertModel
-# (plus RVC's final_proj); fairseq checkpoints are renamed on load (section 5b).
+# ContentVec weights (HuBERT-base retrained to carry less speaker identity) and a final
+# projection to 256 dimensions. Module and tensor names follow transformers' HubertModel
+# (plus RVC's final_proj); fairseq checkpoints are renamed on load (5b below).
+#
+# RVC's two model versions read different features: v1 the 256-d final_proj of transformer
+# layer 9's output (fairseq's output_layer=9, transformers' hidden_states[9]), v2 the
+# 768-d output of the last layer, without final_proj. Neither is normalised further.
 
-HUBERT_V1_LAYER = 9  # v1 voice models read final_proj(output of transformer layer 9) (§3.3)
+HUBERT_V1_LAYER = 9
+VERSION_PHONE_DIMS = {"v1": 256, "v2": 768}  # content feature size each model version reads
 
 
 @dataclass(frozen=True)
@@ -733,8 +745,8 @@ class HubertEncoder(nn.Module):
 
     @torch.no_grad()
     def extract(self, wave: torch.Tensor, version: str) -> torch.Tensor:
-        """RVC's content features of a (1, N) 16 kHz waveform (not normalised, §3.3):
-        v1 -> final_proj(layer 9) (1, T, 256); v2 -> the last layer (1, T, 768)."""
+        """RVC's content features of a (1, N) 16 kHz waveform: v1 -> final_proj(layer 9)
+        (1, T, 256); v2 -> the last layer (1, T, 768)."""
         if self.num_frames(wave.shape[-1]) < 1:
             raise InputAudioError(f"audio segment of {wave.shape[-1]} samples is too short for HuBERT")
         if version == "v1":
@@ -751,7 +763,7 @@ class HubertEncoder(nn.Module):
 # 5b. HuBERT loading: fairseq hubert_base.pt or a transformers folder
 # -----------------------------------------------------------------------------
 
-# Two layouts hold the same weights (§3.4, §3.5): a fairseq checkpoint file
+# Two layouts hold the same weights: a fairseq checkpoint file
 # (hubert_base.pt: pickled dict with `cfg` and an fp16 `model`) and a transformers folder
 # (config.json + model.safetensors or pytorch_model.bin). HubertEncoder uses transformers'
 # tensor names; fairseq names are renamed on load, and errors name keys as the file does.
@@ -1019,6 +1031,11 @@ RMVPE_CENTS = 20.0 * np.arange(RMVPE_N_BINS) + 1997.3794084376191  # (360,) floa
 RMVPE_DECODE_HALF_WIDTH = 4  # the pitch is the salience-weighted mean of 9 bins around the peak
 RMVPE_THRESHOLD = 0.03  # a frame is voiced when its peak salience exceeds this
 
+# The head after the U-Net: a 3-channel conv, then a BiGRU over the (3 x 128 mel) frames
+# and a linear layer to the bins. These sizes are fixed in RVC (E2E's defaults).
+RMVPE_CNN_CHANNELS = 3
+RMVPE_GRU_HIDDEN = 256  # per direction
+
 # The U-Net halves time five times, so the mel is zero-padded to a multiple of 32 frames.
 RMVPE_FRAME_MULTIPLE = 32
 
@@ -1034,6 +1051,9 @@ RMVPE_CHUNK_FRAMES = 8192
 RMVPE_CONTEXT_FRAMES = 1600  # 16 s each side
 
 
+# The HTK mel scale in librosa's spelling. It is the scale of coarse pitch (1127 ln(1 + f/700),
+# Pitch section), but written as librosa writes it, so that the filterbank below equals
+# librosa's to the last bit: 2595 log10 and 1127 ln round differently.
 def _hz_to_mel_htk(hz: np.ndarray) -> np.ndarray:
     return 2595.0 * np.log10(1.0 + hz / 700.0)
 
@@ -1223,7 +1243,7 @@ class RMVPEBiGRU(nn.Module):
 
 
 class RMVPE(nn.Module):
-    """RVC's E2E pitch network with its log-mel front-end and decoding (§4.5).
+    """RVC's E2E pitch network with its log-mel front-end and decoding.
 
     The mel filterbank is a plain attribute, not a buffer: it is not in rmvpe.pt, and it
     must stay float32 when the network is cast to half precision.
@@ -1233,10 +1253,11 @@ class RMVPE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.unet = RMVPEUNet(cfg)
-        self.cnn = nn.Conv2d(cfg.en_out_channels, 3, 3, padding=1)
+        self.cnn = nn.Conv2d(cfg.en_out_channels, RMVPE_CNN_CHANNELS, 3, padding=1)
         # Dropout(0.25) and Sigmoid follow in the reference Sequential (fc.2, fc.3): neither
         # has weights, dropout is the identity at inference, and forward applies the sigmoid.
-        self.fc = nn.Sequential(RMVPEBiGRU(3 * RMVPE_N_MELS, 256, cfg.n_gru), nn.Linear(512, RMVPE_N_BINS))
+        self.fc = nn.Sequential(RMVPEBiGRU(RMVPE_CNN_CHANNELS * RMVPE_N_MELS, RMVPE_GRU_HIDDEN, cfg.n_gru),
+                                nn.Linear(2 * RMVPE_GRU_HIDDEN, RMVPE_N_BINS))  # 2: both GRU directions
         self.mel_basis = torch.from_numpy(rmvpe_mel_filterbank())  # (128, 513)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
@@ -1288,7 +1309,7 @@ class RMVPE(nn.Module):
         chunk_frames: process this many frames at a time (a multiple of 32), each chunk
         with `context_frames` (a multiple of 32) of signal on both sides; None = in one
         piece up to RMVPE_MAX_UNCHUNKED_FRAMES, else chunks of RMVPE_CHUNK_FRAMES.
-        progress: called ("pitch", done, total) after each chunk when there are several.
+        progress: called ("pitch", done, total) as chunks start and end, when there are several.
         """
         device = self.cnn.weight.device
         audio = torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32)).to(device)
@@ -1299,6 +1320,8 @@ class RMVPE(nn.Module):
                                         or context_frames % RMVPE_FRAME_MULTIPLE):
             raise ValueError(f"chunk_frames and context_frames must be multiples of {RMVPE_FRAME_MULTIPLE}")
         f0, starts = [], range(0, n_frames, chunk_frames)
+        if progress is not None and len(starts) > 1:
+            progress("pitch", 0, len(starts))
         for start in starts:
             stop = min(start + chunk_frames, n_frames)
             lo, hi = max(0, start - context_frames), min(n_frames, stop + context_frames)
@@ -1380,8 +1403,9 @@ def load_rmvpe(path: Path) -> RMVPE:
 # features (+ coarse pitch) into a Gaussian prior over a latent z; a normalising flow run
 # backwards maps a sample of that prior to the decoder's latent; an NSF-HiFiGAN decoder,
 # driven by a sine excitation at the target pitch, turns the latent into a waveform.
-# Module and attribute names reproduce the WebUI's, so its state-dict keys load as they are
-# (after fold_weight_norm has turned every weight_g/weight_v pair into a plain `weight`).
+# Attribute names reproduce the WebUI's, so its state-dict keys load as they are (after
+# fold_weight_norm has turned every weight_g/weight_v pair into a plain `weight`); class
+# names carry a Synth prefix and each docstring names the WebUI class it stands for.
 #
 # Masks: upstream multiplies by a sequence mask x_mask everywhere. We run batch 1 with the
 # whole sequence valid, so x_mask is all ones: multiplying by it is the identity and the
@@ -1401,7 +1425,6 @@ SINE_AMP = 0.1  # amplitude of the NSF sine excitation
 NOISE_STD = 0.003  # std of the excitation's additive noise in voiced samples
 UNVOICED_NOISE_STD = SINE_AMP / 3  # std of the excitation noise in unvoiced samples
 SAMPLE_RATE_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
-FRAMES_PER_SECOND = 100  # synthesizer frames: 10 ms, so hop = sample_rate / 100
 
 
 def _short_repr(value: Any) -> str:
@@ -1448,7 +1471,14 @@ def noise_conv_geometry(stride: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """The hyper-parameters of the 18-element `config` list that matter at inference (§1.3)."""
+    """The hyper-parameters of the 18-element `config` list that matter at inference.
+
+    The list holds, in order: spec_channels, segment_size, inter_channels, hidden_channels,
+    filter_channels, n_heads, n_layers, kernel_size, p_dropout, resblock,
+    resblock_kernel_sizes, resblock_dilation_sizes, upsample_rates,
+    upsample_initial_channel, upsample_kernel_sizes, spk_embed_dim, gin_channels, sr
+    (the synthesizer's constructor arguments; training-only ones are not kept here).
+    """
 
     inter_channels: int  # latent z channels
     hidden_channels: int  # text encoder width, flow WaveNet width
@@ -1530,7 +1560,7 @@ def zero_embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding.from_pretrained(torch.zeros(num, dim), freeze=False)
 
 
-class LayerNorm(nn.Module):
+class SynthLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (B, C, T) tensor (parameters gamma/beta)."""
 
     def __init__(self, channels: int):
@@ -1569,7 +1599,7 @@ def absolute_to_relative(x: torch.Tensor, window: int) -> torch.Tensor:
     return skewed[..., : 2 * window + 1]
 
 
-class MultiHeadAttention(nn.Module):
+class SynthAttention(nn.Module):
     """Self-attention with learned relative-position keys and values (window ±W, shared by heads)."""
 
     def __init__(self, channels: int, n_heads: int, window: int = ATTENTION_WINDOW):
@@ -1598,7 +1628,7 @@ class MultiHeadAttention(nn.Module):
         return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
 
 
-class FFN(nn.Module):
+class SynthFFN(nn.Module):
     """Two 'same'-padded convolutions with a ReLU between them."""
 
     def __init__(self, channels: int, filter_channels: int, kernel_size: int):
@@ -1612,15 +1642,16 @@ class FFN(nn.Module):
         return self.conv_2(F.pad(x, self.pad))
 
 
-class Encoder(nn.Module):
-    """Post-LN transformer: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
+class SynthTransformer(nn.Module):
+    """Post-LN transformer (the WebUI's attentions.Encoder): per layer
+    x = LN(x + attention(x)); x = LN(x + FFN(x))."""
 
     def __init__(self, channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int):
         super().__init__()
-        self.attn_layers = nn.ModuleList(MultiHeadAttention(channels, n_heads) for _ in range(n_layers))
-        self.norm_layers_1 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
-        self.ffn_layers = nn.ModuleList(FFN(channels, filter_channels, kernel_size) for _ in range(n_layers))
-        self.norm_layers_2 = nn.ModuleList(LayerNorm(channels) for _ in range(n_layers))
+        self.attn_layers = nn.ModuleList(SynthAttention(channels, n_heads) for _ in range(n_layers))
+        self.norm_layers_1 = nn.ModuleList(SynthLayerNorm(channels) for _ in range(n_layers))
+        self.ffn_layers = nn.ModuleList(SynthFFN(channels, filter_channels, kernel_size) for _ in range(n_layers))
+        self.norm_layers_2 = nn.ModuleList(SynthLayerNorm(channels) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
         for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1,
@@ -1630,16 +1661,17 @@ class Encoder(nn.Module):
         return x
 
 
-class TextEncoder(nn.Module):
-    """Content features (+ coarse pitch) -> prior mean m_p and log-std logs_p of z."""
+class SynthTextEncoder(nn.Module):
+    """The WebUI's TextEncoder: content features (+ coarse pitch) -> prior mean m_p and
+    log-std logs_p of z."""
 
     def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool):
         super().__init__()
         self.hidden = cfg.hidden_channels
         self.emb_phone = nn.Linear(phone_dim, cfg.hidden_channels)
         self.emb_pitch = zero_embedding(F0_COARSE_BINS, cfg.hidden_channels) if has_f0 else None
-        self.encoder = Encoder(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
-                               cfg.kernel_size)
+        self.encoder = SynthTransformer(cfg.hidden_channels, cfg.filter_channels, cfg.n_heads, cfg.n_layers,
+                                        cfg.kernel_size)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
 
     def forward(self, phone: torch.Tensor, pitch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1652,8 +1684,8 @@ class TextEncoder(nn.Module):
         return m_p, logs_p
 
 
-class WN(nn.Module):
-    """WaveNet stack: gated dilated convs conditioned on the speaker, summed skip outputs."""
+class SynthWaveNet(nn.Module):
+    """The WebUI's WN: gated dilated convs conditioned on the speaker, summed skip outputs."""
 
     def __init__(self, hidden: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int):
         super().__init__()
@@ -1673,25 +1705,26 @@ class WN(nn.Module):
         cond = self.cond_layer(g)  # (B, 2H*layers, 1), broadcast over time
         out = torch.zeros_like(x)
         for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            a = in_layer(x) + cond[:, 2 * h * i: 2 * h * (i + 1)]  # (B, 2H, T)
-            acts = torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:])
-            rs = res_skip(acts)
+            gates = in_layer(x) + cond[:, 2 * h * i: 2 * h * (i + 1)]  # (B, 2H, T)
+            acts = torch.tanh(gates[:, :h]) * torch.sigmoid(gates[:, h:])
+            res_and_skip = res_skip(acts)  # (B, 2H, T), the last layer's (B, H, T) is all skip
             if i < len(self.in_layers) - 1:
-                x = x + rs[:, :h]
-                out = out + rs[:, h:]
+                x = x + res_and_skip[:, :h]
+                out = out + res_and_skip[:, h:]
             else:
-                out = out + rs
+                out = out + res_and_skip
         return out  # (B, H, T)
 
 
-class ResidualCouplingLayer(nn.Module):
-    """Mean-only affine coupling: the second half of the channels is shifted by a function of the first."""
+class SynthCouplingLayer(nn.Module):
+    """The WebUI's ResidualCouplingLayer (mean only): the second half of the channels is
+    shifted by a function of the first."""
 
     def __init__(self, channels: int, hidden: int, gin_channels: int):
         super().__init__()
         self.half = channels // 2
         self.pre = nn.Conv1d(self.half, hidden, 1)
-        self.enc = WN(hidden, FLOW_KERNEL_SIZE, FLOW_DILATION_RATE, FLOW_WN_LAYERS, gin_channels)
+        self.enc = SynthWaveNet(hidden, FLOW_KERNEL_SIZE, FLOW_DILATION_RATE, FLOW_WN_LAYERS, gin_channels)
         self.post = nn.Conv1d(hidden, self.half, 1)
 
     def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, C, T)
@@ -1700,22 +1733,23 @@ class ResidualCouplingLayer(nn.Module):
         return torch.cat([x0, x1 - shift], dim=1)
 
 
-class Flip(nn.Module):
-    """Reverse the channel order (its own inverse)."""
+class SynthFlip(nn.Module):
+    """The WebUI's Flip: reverse the channel order (its own inverse)."""
 
     def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.flip(x, [1])
 
 
-class ResidualCouplingBlock(nn.Module):
-    """[coupling, flip] x FLOW_COUPLINGS; only the reverse (sampling) direction is needed."""
+class SynthFlow(nn.Module):
+    """The WebUI's ResidualCouplingBlock: [coupling, flip] x FLOW_COUPLINGS; only the
+    reverse (sampling) direction is needed."""
 
     def __init__(self, cfg: SynthConfig):
         super().__init__()
         self.flows = nn.ModuleList()
         for _ in range(FLOW_COUPLINGS):
-            self.flows.append(ResidualCouplingLayer(cfg.inter_channels, cfg.hidden_channels, cfg.gin_channels))
-            self.flows.append(Flip())
+            self.flows.append(SynthCouplingLayer(cfg.inter_channels, cfg.hidden_channels, cfg.gin_channels))
+            self.flows.append(SynthFlip())
 
     def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, inter, T)
         for flow in reversed(self.flows):
@@ -1723,8 +1757,8 @@ class ResidualCouplingBlock(nn.Module):
         return x
 
 
-class ResBlock1(nn.Module):
-    """HiFi-GAN residual block: per dilation d, x += conv(lrelu(conv_d(lrelu(x))))."""
+class SynthResBlock(nn.Module):
+    """HiFi-GAN's ResBlock1: per dilation d, x += conv(lrelu(conv_d(lrelu(x))))."""
 
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]):
         super().__init__()
@@ -1739,8 +1773,9 @@ class ResBlock1(nn.Module):
         return x
 
 
-class SineGen(nn.Module):
-    """Sine excitation at F0 (harmonic_num 0), the 2026 WebUI algorithm (§2.5).
+class SynthSineGen(nn.Module):
+    """The WebUI's SineGen: sine excitation at F0 (harmonic_num 0), the 2026 WebUI algorithm (the original
+    cumulative-sum one; the classic branch switched to an fmod-based variant in 2024-11).
 
     The phase is integrated per frame, interpolated to samples, and its wrap-arounds are
     transferred onto the per-sample increments before the final cumulative sum. Always
@@ -1771,12 +1806,12 @@ class SineGen(nn.Module):
         return excitation  # (B, T*upp, 1)
 
 
-class SourceModuleHnNSF(nn.Module):
-    """The sine excitation merged through a 1->1 linear layer and tanh."""
+class SynthSource(nn.Module):
+    """The WebUI's SourceModuleHnNSF: the sine excitation through a 1->1 linear layer and tanh."""
 
     def __init__(self, sample_rate: int):
         super().__init__()
-        self.l_sin_gen = SineGen(sample_rate)
+        self.l_sin_gen = SynthSineGen(sample_rate)
         self.l_linear = nn.Linear(1, 1)
 
     def forward(self, f0: torch.Tensor, upp: int, noise: torch.Tensor | None) -> torch.Tensor:
@@ -1784,8 +1819,9 @@ class SourceModuleHnNSF(nn.Module):
         return torch.tanh(self.l_linear(sine)).transpose(1, 2)  # (B, 1, T*upp)
 
 
-class Generator(nn.Module):
-    """HiFi-GAN decoder; with `nsf` it is GeneratorNSF, adding a pitch excitation at every stage."""
+class SynthDecoder(nn.Module):
+    """The WebUI's Generator (HiFi-GAN); with `nsf` its GeneratorNSF, which adds the pitch
+    excitation at every upsampling stage."""
 
     def __init__(self, cfg: SynthConfig, nsf: bool):
         super().__init__()
@@ -1793,7 +1829,7 @@ class Generator(nn.Module):
         channels = [cfg.upsample_initial_channel >> i for i in range(len(rates) + 1)]  # halved per stage
         self.hop, self.n_kernels = cfg.hop, n_kernels
         # (registration order = the WebUI's, so state_dict() lists keys in the same order)
-        self.m_source = SourceModuleHnNSF(cfg.sample_rate) if nsf else None
+        self.m_source = SynthSource(cfg.sample_rate) if nsf else None
         self.noise_convs = nn.ModuleList() if nsf else None
         for i in range(len(rates) if nsf else 0):
             stride = math.prod(rates[i + 1:])  # excitation samples per sample of stage i
@@ -1807,7 +1843,7 @@ class Generator(nn.Module):
             self.ups.append(nn.ConvTranspose1d(channels[i], channels[i + 1], kernel, rate,
                                                padding=padding, output_padding=output_padding))
         self.resblocks = nn.ModuleList(
-            ResBlock1(channels[i + 1], k, d) for i in range(len(rates))
+            SynthResBlock(channels[i + 1], k, d) for i in range(len(rates))
             for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes))
         self.conv_post = nn.Conv1d(channels[-1], 1, DECODER_CONV_KERNEL, padding=DECODER_CONV_KERNEL // 2,
                                    bias=False)
@@ -1827,11 +1863,10 @@ class Generator(nn.Module):
         return torch.tanh(self.conv_post(F.leaky_relu(x, FINAL_LRELU_SLOPE)))  # (B, 1, T*hop)
 
 
-def standard_normal(shape: Sequence[int], like: torch.Tensor,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, 1) noise drawn in float32 (on the generator's device), then moved to `like`."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+def standard_normal(shape: Sequence[int], like: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    """N(0, 1) noise drawn in float32 (on the rng's device), then moved to `like`."""
+    device = rng.device if rng is not None else like.device
+    noise = torch.randn(tuple(shape), generator=rng, device=device, dtype=torch.float32)
     return noise.to(like.device, like.dtype)
 
 
@@ -1841,9 +1876,9 @@ class Synthesizer(nn.Module):
     def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool, n_speakers: int):
         super().__init__()
         self.cfg, self.phone_dim, self.has_f0, self.n_speakers = cfg, phone_dim, has_f0, n_speakers
-        self.enc_p = TextEncoder(cfg, phone_dim, has_f0)
-        self.dec = Generator(cfg, nsf=has_f0)
-        self.flow = ResidualCouplingBlock(cfg)
+        self.enc_p = SynthTextEncoder(cfg, phone_dim, has_f0)
+        self.dec = SynthDecoder(cfg, nsf=has_f0)
+        self.flow = SynthFlow(cfg)
         self.emb_g = zero_embedding(n_speakers, cfg.gin_channels)
 
     @property
@@ -1873,11 +1908,11 @@ class Synthesizer(nn.Module):
     @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
     def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
                      sid: torch.Tensor, *, noise: bool = True,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """infer(), also returning the intermediate stages m_p, logs_p and z (the decoder input).
 
         noise=False drops the two random terms (prior noise, excitation noise): deterministic.
-        With noise, every random number comes from `generator` when one is given.
+        With noise, every random number comes from `rng` when one is given.
         """
         self._check_inputs(phone, pitch, nsff0, sid)
         weight = self.emb_g.weight
@@ -1886,29 +1921,29 @@ class Synthesizer(nn.Module):
                                  pitch.to(weight.device) if self.has_f0 else None)  # (1, inter, T) each
         z_p = m_p  # the prior's mean, or a sample from it:
         if noise:
-            z_p = m_p + torch.exp(logs_p) * standard_normal(m_p.shape, m_p, generator) * PRIOR_NOISE_SCALE
+            z_p = m_p + torch.exp(logs_p) * standard_normal(m_p.shape, m_p, rng) * PRIOR_NOISE_SCALE
         z = self.flow.reverse(z_p, g)  # (1, inter, T)
         if self.has_f0:
             f0 = nsff0.to(weight.device, torch.float32)  # (1, T) Hz
             excitation_noise = None
             if noise:
-                excitation_noise = standard_normal((1, f0.shape[1] * self.hop, 1), f0, generator)
+                excitation_noise = standard_normal((1, f0.shape[1] * self.hop, 1), f0, rng)
             out = self.dec(z, g, f0, excitation_noise)
         else:
             out = self.dec(z, g)
         return {"m_p": m_p, "logs_p": logs_p, "z": z, "out": out[:, 0].float()}  # out (1, T*hop)
 
     def infer(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-              sid: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+              sid: torch.Tensor, *, noise: bool = True, rng: torch.Generator | None = None) -> torch.Tensor:
         """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
-        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, generator=generator)["out"]
+        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, rng=rng)["out"]
 
 
 # -----------------------------------------------------------------------------
 # 7b. Voice model loading: WebUI .pth files
 # -----------------------------------------------------------------------------
 
-# A voice model file (§1) is a dict: `weight` (the synthesizer's state dict without the
+# A voice model file is a torch.save'd dict: `weight` (the synthesizer's state dict without the
 # training-only posterior encoder enc_q, usually fp16, weight norm as weight_g/weight_v
 # pairs), `config` (18 constructor arguments), `info`, `sr`, `f0`, `version`, plus extra
 # keys from forks such as Applio. The architecture is read from the tensors themselves
@@ -1916,14 +1951,14 @@ class Synthesizer(nn.Module):
 # disagree. Training checkpoints (G_*.pth) are refused rather than extracted on the fly:
 # they carry no config, and guessing the upsample rates from shapes would be fragile.
 
-PHONE_DIM_VERSIONS = {256: "v1", 768: "v2"}  # content feature size -> model version
+PHONE_DIM_VERSIONS = {dim: version for version, dim in VERSION_PHONE_DIMS.items()}
 SUPPORTED_VOCODER = "HiFi-GAN"  # Applio's name for RVC's own (NSF-)HiFi-GAN decoder
 # Tensor-name prefixes of Applio's other decoders, which this file does not implement.
 FOREIGN_DECODER_PREFIXES = {
     "MRF HiFi-GAN": ("dec.upsamples.", "dec.mrfs."),
     "RefineGAN": ("dec.downsample_blocks.", "dec.upsample_blocks.", "dec.pre_conv.", "dec.mel_conv."),
 }
-# Extra keys Applio writes (§1.2); reported as metadata when present.
+# Extra keys Applio writes beside the WebUI's; reported as metadata when present.
 APPLIO_METADATA_KEYS = ("epoch", "step", "creation_date", "model_hash", "dataset_length", "model_name",
                         "author", "embedder_model", "speakers_id", "vocoder")
 CONTENTVEC_EMBEDDERS = (None, "contentvec")  # what hubert_base.pt is
@@ -2017,13 +2052,13 @@ def _matrix(weight: Mapping[str, torch.Tensor], key: str, path: Path) -> torch.T
     return weight[key]
 
 
-def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, path: Path) -> None:
+def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, path: Path, warn: Warn) -> None:
     """The weights decide; a contradicting `version`/`f0` key is worth a warning, and so is an
     embedder other than ContentVec (the content encoder must match the one used in training)."""
     declared = ckpt.get("version")
     if declared is not None and declared != version:
         warn(f"{path.name}: the file says version {declared!r}, but its weights take "
-             f"{'256' if version == 'v1' else '768'}-d content features; using {version}")
+             f"{VERSION_PHONE_DIMS[version]}-d content features; using {version}")
     f0 = ckpt.get("f0")
     if f0 is not None and (str(f0).lower() in ("1", "true")) != has_f0:  # 1/0 (WebUI), True/False (Applio)
         warn(f"{path.name}: the file says f0={f0!r}, but its weights are those of a model "
@@ -2034,7 +2069,16 @@ def _warn_on_disagreement(ckpt: Mapping[str, Any], version: str, has_f0: bool, p
              "it needs that encoder's HuBERT weights, ContentVec (hubert_base.pt) will sound poor")
 
 
-def load_voice_model(path: Path) -> VoiceModel:
+def _json_safe(value: Any) -> Any:
+    """A value for the --json report: as it is when JSON can hold it, else its str()."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def load_voice_model(path: Path, warn: Warn = print_warning) -> VoiceModel:
     """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
     path = Path(path)
     ckpt = _read_voice_checkpoint(path)
@@ -2048,11 +2092,11 @@ def load_voice_model(path: Path) -> VoiceModel:
     phone_dim = _matrix(weight, "enc_p.emb_phone.weight", path).shape[1]
     if phone_dim not in PHONE_DIM_VERSIONS:
         raise ModelFileError(f"unsupported content feature size {phone_dim} (enc_p.emb_phone.weight): "
-                             "expected 256 (v1) or 768 (v2)", path)
+                             f"expected {' or '.join(f'{d} ({v})' for v, d in VERSION_PHONE_DIMS.items())}", path)
     version = PHONE_DIM_VERSIONS[phone_dim]
     has_f0 = "enc_p.emb_pitch.weight" in weight
     n_speakers = _matrix(weight, "emb_g.weight", path).shape[0]  # config[15] is stale: upstream rule
-    _warn_on_disagreement(ckpt, version, has_f0, path)
+    _warn_on_disagreement(ckpt, version, has_f0, path, warn)
 
     try:
         state = fold_weight_norm(weight)
@@ -2155,6 +2199,8 @@ def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
     workers = workers or min(F0_BLOCK_WORKERS, torch.get_num_threads())
     parts = []
     pool = ThreadPoolExecutor(max(1, min(workers, len(starts))))
+    if progress is not None:
+        progress("pitch", 0, len(starts))
     try:
         for f0 in pool.map(block, starts):  # in order
             parts.append(f0)
@@ -2166,10 +2212,7 @@ def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
 
 
 def _import_pyworld() -> Any:
-    import warnings
-
-    with warnings.catch_warnings():  # pyworld 0.3.5 imports the deprecated pkg_resources
-        warnings.simplefilter("ignore")
+    with quiet_library_warnings():  # pyworld 0.3.5 imports the deprecated pkg_resources
         import pyworld
     return pyworld
 
@@ -2189,7 +2232,8 @@ def world_f0(algorithm: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = None) -> np.ndarray:
-    """WORLD harvest + stonemask refinement (§4.3); median-filtered when filter_radius > 2."""
+    """WORLD harvest + stonemask refinement (the classic WebUI's); median-filtered (kernel 3)
+    when filter_radius > 2."""
     from scipy.signal import medfilt
 
     f0 = in_blocks(world_f0("harvest"), x, progress=progress)
@@ -2204,7 +2248,8 @@ def f0_dio(x: np.ndarray, progress: Progress | None = None) -> np.ndarray:
 
 
 def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
-    """Praat autocorrelation pitch (§4.2), zero-padded to p_len frames as the reference does."""
+    """Praat autocorrelation pitch (parselmouth's to_pitch_ac), zero-padded on both sides
+    to p_len frames as the reference does."""
     parselmouth = _import_optional("pm")
     pitch = parselmouth.Sound(x, SAMPLE_RATE).to_pitch_ac(
         time_step=FRAME_PERIOD_MS / 1000, voicing_threshold=PM_VOICING_THRESHOLD,
@@ -2217,7 +2262,8 @@ def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
 
 
 def f0_crepe(x: np.ndarray, device: torch.device) -> np.ndarray:
-    """CREPE 'full' via torchcrepe (§4.4): periodicity-gated, median/mean smoothed."""
+    """CREPE 'full' via torchcrepe, as the classic WebUI: periodicity median-filtered and
+    pitch mean-filtered (3 frames each), frames of periodicity < 0.1 unvoiced."""
     torchcrepe = _import_optional("crepe")
     audio = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)  # (1, N)
     f0, periodicity = torchcrepe.predict(audio, SAMPLE_RATE, HOP, F0_MIN, F0_MAX, "full",
@@ -2229,7 +2275,8 @@ def f0_crepe(x: np.ndarray, device: torch.device) -> np.ndarray:
 
 
 def interpolate_unvoiced(f0: np.ndarray) -> np.ndarray:
-    """The 2026 WebUI's option (§4.1 step 1): fill unvoiced frames from voiced neighbours."""
+    """The 2026 WebUI's option: fill unvoiced frames by linear interpolation between their
+    voiced neighbours (and the nearest voiced value beyond the first and last)."""
     voiced = f0 > 0
     if not voiced.any():
         return f0
@@ -2239,9 +2286,19 @@ def interpolate_unvoiced(f0: np.ndarray) -> np.ndarray:
     return out
 
 
+def hz_to_mel(hz: np.ndarray | float) -> np.ndarray | float:
+    """The mel scale of the reference's coarse pitch: 1127 ln(1 + f / 700)."""
+    return 1127.0 * np.log(1.0 + hz / 700.0)
+
+
+# The pitch range, in mel, is spread linearly over coarse bins 2..255.
+F0_MEL_MIN, F0_MEL_MAX = float(hz_to_mel(F0_MIN)), float(hz_to_mel(F0_MAX))  # ~77.755, ~1064.408
+
+
 def coarse_pitch(f0: np.ndarray) -> np.ndarray:
-    """§4.1: Hz to the 1..255 mel-scale bins the text encoder embeds (1 = unvoiced)."""
-    mel = 1127.0 * np.log(1.0 + f0 / 700.0)
+    """Hz to the 1..255 mel-scale bins the text encoder embeds (1 = unvoiced), rounded
+    half to even as numpy's rint (the reference's np.rint)."""
+    mel = hz_to_mel(f0)
     voiced = mel > 0
     mel[voiced] = (mel[voiced] - F0_MEL_MIN) * (F0_COARSE_BINS - 2) / (F0_MEL_MAX - F0_MEL_MIN) + 1
     mel[mel <= 1] = 1
@@ -2253,9 +2310,11 @@ def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: in
                 filter_radius: int = 3, rmvpe: "RMVPE | None" = None,
                 device: torch.device = torch.device("cpu"), interp_unvoiced: bool = False,
                 progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """F0 of the whole padded 16 kHz signal (§4.1): (coarse pitch int, f0 in Hz), p_len frames.
+    """F0 of the whole padded 16 kHz signal: (coarse pitch int, f0 in Hz), p_len frames.
 
-    Unvoiced frames stay 0 Hz (classic WebUI) unless interp_unvoiced (2026 WebUI).
+    As the reference: estimate, cut or pad to p_len frames, transpose by f0_up_key
+    semitones, then quantise to coarse pitch. Unvoiced frames stay 0 Hz (classic WebUI)
+    unless interp_unvoiced (2026 WebUI).
     """
     if method == "rmvpe":
         if rmvpe is None:
@@ -2284,7 +2343,7 @@ def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: in
 # 9. Retrieval
 # =============================================================================
 
-INDEX_NEIGHBOURS = 8  # k nearest stored features blended per frame (§5.7 step 4)
+INDEX_NEIGHBOURS = 8  # k nearest stored features blended per 20 ms feature
 MIN_SQUARED_DISTANCE = 1e-12  # guards 1/d² against an exact match (the reference divides by 0)
 
 
@@ -2295,10 +2354,6 @@ class FeatureIndex:
     path: Path
     index: Any  # faiss.Index
     vectors: np.ndarray  # (N, D) float32: the stored features themselves
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
 
 
 def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
@@ -2316,7 +2371,7 @@ def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
         raise ModelFileError("index holds no vectors (a trained_*.index; use the added_*.index)", path)
     if phone_dim is not None and index.d != phone_dim:
         raise ModelFileError(f"index has {index.d}-dim features but the model needs {phone_dim} "
-                             f"({'v1' if phone_dim == 256 else 'v2'} HuBERT features)", path)
+                             f"({PHONE_DIM_VERSIONS.get(phone_dim, '?')} HuBERT features)", path)
     try:
         vectors = index.reconstruct_n(0, index.ntotal)
     except Exception as exc:
@@ -2325,7 +2380,8 @@ def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
 
 
 def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
-    """§5.7 step 4: each frame's k nearest stored features, weighted by 1/d² (T, D)."""
+    """Each feature's k nearest stored features (squared L2 distance d², as faiss's IVF-Flat
+    returns it), averaged with weights 1/d⁴ normalised to sum 1: (T, D) -> (T, D)."""
     distances, ids = index.index.search(np.ascontiguousarray(feats, dtype=np.float32), INDEX_NEIGHBOURS)
     weights = np.square(1.0 / np.maximum(distances, MIN_SQUARED_DISTANCE))
     weights[ids < 0] = 0  # faiss pads with -1 when a probed list holds fewer than k vectors
@@ -2341,8 +2397,23 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 # 10. Pipeline
 # =============================================================================
 
-# Segmentation constants (§5.2): the WebUI's fp32 values, used on every device so that
-# the result does not depend on the device. They only matter for inputs over X_MAX.
+# The conversion, as the reference does it (Converter.convert):
+#   1. condition: attenuate an input louder than INPUT_PEAK, then a zero-phase 48 Hz
+#      high-pass; float64 from here on.
+#   2. split_points: inputs longer than X_MAX are cut near every X_CENTER seconds, at the
+#      quietest 10 ms within X_QUERY of the nominal cut.
+#   3. The whole input, reflect-padded by T_PAD on both sides, gets its pitch in one go
+#      (Pitch section): p_len = len // HOP frames.
+#   4. segments: each segment runs alone with T_PAD of context on both sides: HuBERT
+#      features, blended with their nearest neighbours from the index (Retrieval),
+#      repeated to the 10 ms frame grid; consonant protection; the synthesizer. Its output
+#      is trimmed by the context; the trimmed outputs tile the input. (The output is up to
+#      two frames, 20 ms, shorter than the input, as in the reference.)
+#   5. mix_rms: the output's loudness envelope is moved towards the input's
+#      (rms_mix_rate); optional resampling; int16 (to_int16).
+
+# Segmentation: the WebUI's fp32 values (its fp16 GPU values are longer), used on every
+# device so that the result does not depend on the device. They only matter over X_MAX.
 X_PAD = 1  # s of context added on each side of every segment (trimmed off after synthesis)
 X_QUERY = 6  # s searched on each side of a nominal cut for the quietest point
 X_CENTER = 38  # s between nominal cuts
@@ -2351,17 +2422,18 @@ T_PAD = SAMPLE_RATE * X_PAD  # samples at 16 kHz
 T_QUERY = SAMPLE_RATE * X_QUERY
 T_CENTER = SAMPLE_RATE * X_CENTER
 T_MAX = SAMPLE_RATE * X_MAX
-HIGHPASS_HZ = 48  # §5.3: 5th-order Butterworth high-pass, applied forward and backward
+HIGHPASS_HZ = 48  # 5th-order Butterworth high-pass, applied forward and backward
 HIGHPASS_ORDER = 5
 PROTECT_OFF = 0.5  # protect >= 0.5 disables consonant protection
+FEATURE_REPEAT = HUBERT_HOP // HOP  # each 20 ms content feature serves two 10 ms frames
 RMS_BLOCKS_PER_PIECE = 64  # loudness blocks summed per pass (bounds frame_rms's temporaries)
-RMS_FLOOR = 1e-6  # the output envelope is floored here before it divides (§5.8)
+RMS_FLOOR = 1e-6  # the output envelope is floored here before it divides
 MIX_PIECE = 1 << 20  # output samples re-levelled per pass by mix_rms
 
 
 @dataclass
 class ConversionParams:
-    """What the user chose; defaults are the WebUI's single-file tab (§5)."""
+    """What the user chose; defaults are the WebUI's single-file conversion tab."""
 
     f0_up_key: int = 0
     f0_method: str = "rmvpe"
@@ -2387,16 +2459,17 @@ class Timings:
 
 
 def highpass(audio: np.ndarray) -> np.ndarray:
-    """§5.3: zero-phase 48 Hz high-pass (removes DC and rumble); float64 out."""
+    """Zero-phase 48 Hz high-pass (removes DC and rumble), as the reference's
+    filtfilt(butter(5, 48 Hz)); float64 out."""
     from scipy.signal import butter, filtfilt
 
-    b, a = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
-    edge = 3 * max(len(a), len(b))  # scipy's default edge padding, which needs a longer input
-    return filtfilt(b, a, audio, padlen=min(edge, len(audio) - 1))
+    numerator, denominator = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
+    edge = 3 * max(len(numerator), len(denominator))  # scipy's default edge padding, which needs a longer input
+    return filtfilt(numerator, denominator, audio, padlen=min(edge, len(audio) - 1))
 
 
 def condition(audio: np.ndarray) -> np.ndarray:
-    """§5.1 and §5.3: attenuate a too-loud input to a 0.95 peak, then high-pass it.
+    """Attenuate an input louder than INPUT_PEAK to that peak, then high-pass it.
 
     Returns float64, as the reference works in float64 from here on."""
     audio = np.asarray(audio, dtype=np.float32)
@@ -2407,8 +2480,8 @@ def condition(audio: np.ndarray) -> np.ndarray:
 
 
 def split_points(audio: np.ndarray) -> list[int]:
-    """§5.4: cut points of long inputs, each at the quietest 10 ms within T_QUERY of a
-    nominal cut every T_CENTER samples. Empty when the input fits in one piece."""
+    """Cut points of long inputs, each at the quietest 10 ms within T_QUERY of a nominal
+    cut every T_CENTER samples. Empty when the input fits in one piece (up to T_MAX)."""
     half = HOP // 2
     audio_pad = np.pad(audio, (half, half), mode="reflect")
     if len(audio_pad) <= T_MAX:
@@ -2426,9 +2499,9 @@ def split_points(audio: np.ndarray) -> list[int]:
 
 
 def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """§5.6: (sample start, sample end, frame start, frame end) of each segment of the
-    padded signal. Each carries T_PAD of context on both sides; the segments' trimmed
-    outputs tile the input."""
+    """(sample start, sample end, frame start, frame end) of each segment of the padded
+    signal. A cut is moved down to the 10 ms grid; each segment carries T_PAD of context on
+    both sides (and one frame more at its end), so the trimmed outputs tile the input."""
     bounds, start = [], 0
     for cut in cuts:
         t = cut // HOP * HOP
@@ -2441,7 +2514,7 @@ def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, in
 def frame_rms(y: np.ndarray, hop: int) -> np.ndarray:
     """RMS of frames of 2*hop samples centred every `hop` samples, zero-padded at the ends:
     the values of librosa.feature.rms (center=True) for frame_length == 2 * hop, which is
-    what §5.8 uses, without librosa's seconds of import and JIT start-up. Energies are summed
+    what the reference's loudness mixing uses, without librosa's seconds of import and JIT start-up. Energies are summed
     per hop-long block in bounded pieces (float64), so an hour of audio needs no full-length
     temporary; frame t covers blocks t-1 and t."""
     frame_length = 2 * hop
@@ -2468,7 +2541,7 @@ def resize_linear(values: np.ndarray, size: int, start: int = 0, stop: int | Non
 
 
 def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float) -> np.ndarray:
-    """§5.8: move the output's loudness envelope towards the input's (rate 0: the input's,
+    """Move the output's loudness envelope towards the input's (rate 0: the input's,
     1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated to the
     output's samples. Works in place on `output`, a piece at a time: an hour of 48 kHz
     audio needs no full-length envelopes."""
@@ -2501,7 +2574,7 @@ class Converter:
     def convert(self, audio: np.ndarray, params: ConversionParams, timings: Timings | None = None,
                 progress: Progress | None = None,
                 trace: list[dict] | None = None) -> tuple[np.ndarray, int]:
-        """§5: 16 kHz float audio in, (int16 samples, sample rate) out.
+        """16 kHz float audio in, (int16 samples, sample rate) out: steps 1-5 above.
 
         trace: when given, gets one dict per segment with the intermediate stages
         (features before/after retrieval, pitch, network output), for stage-by-stage tests.
@@ -2521,19 +2594,21 @@ class Converter:
             pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
             pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
             timings.f0 += time.perf_counter() - start
-        generator = self._generator(params.seed)
+        rng = self._rng(params.seed)
         sid = torch.tensor([params.speaker_id], device=self.device)
         trim = self.output_rate * X_PAD
         parts = []
         bounds = segments(len(audio_pad), cuts)
-        for k, (a, b, fa, fb) in enumerate(bounds):
-            seg_pitch = None if pitch is None else pitch[:, fa:fb]
-            seg_pitchf = None if pitchf is None else pitchf[:, fa:fb]
+        if progress is not None:
+            progress("segment", 0, len(bounds))
+        for k, (sample_start, sample_end, frame_start, frame_end) in enumerate(bounds):
+            seg_pitch = None if pitch is None else pitch[:, frame_start:frame_end]
+            seg_pitchf = None if pitchf is None else pitchf[:, frame_start:frame_end]
             seg_trace = None if trace is None else {}
             if seg_trace is not None:
                 trace.append(seg_trace)
-            out = self._convert_segment(audio_pad[a:b], seg_pitch, seg_pitchf, sid, params, generator,
-                                        timings, seg_trace)
+            out = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf, sid, params,
+                                        rng, timings, seg_trace)
             parts.append(out[trim: len(out) - trim])
             if progress is not None:
                 progress("segment", k + 1, len(bounds))
@@ -2549,19 +2624,20 @@ class Converter:
             result, rate = resample(result, rate, params.resample_sr), params.resample_sr
         return to_int16(result), rate
 
-    def _generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self.device)
+    def _rng(self, seed: int | None) -> torch.Generator:
+        """The synthesizer's random numbers: seeded, or from fresh entropy."""
+        rng = torch.Generator(device=self.device)
         if seed is None:
-            generator.seed()
+            rng.seed()
         else:
-            generator.manual_seed(seed)
-        return generator
+            rng.manual_seed(seed)
+        return rng
 
     @torch.no_grad()
     def _convert_segment(self, segment: np.ndarray, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
-                         sid: torch.Tensor, params: ConversionParams, generator: torch.Generator,
+                         sid: torch.Tensor, params: ConversionParams, rng: torch.Generator,
                          timings: Timings, trace: dict | None) -> np.ndarray:
-        """§5.7: one padded segment to audio at the model's rate (float32, untrimmed)."""
+        """One padded segment to audio at the model's rate (float32, untrimmed)."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
         feats = self.hubert.extract(wave, self.voice.version)  # (1, T, D)
@@ -2575,17 +2651,18 @@ class Converter:
             feats = retrieved * params.index_rate + (1 - params.index_rate) * feats
             if trace is not None:
                 trace["feats_blend"] = feats[0].float().cpu().numpy()
-        feats = torch.repeat_interleave(feats, 2, dim=1)  # (1, 2T, D): 50 Hz features to 100 Hz frames
+        feats = torch.repeat_interleave(feats, FEATURE_REPEAT, dim=1)  # (1, 2T, D): 20 ms features to 10 ms frames
         p_len = min(len(segment) // HOP, feats.shape[1])
         feats = feats[:, :p_len]
         if pitch is not None:
             pitch, pitchf = pitch[:, :p_len], pitchf[:, :p_len]
             if protect:
-                feats = self._protect(feats, torch.repeat_interleave(raw, 2, dim=1)[:, :p_len], pitchf, params.protect)
+                raw = torch.repeat_interleave(raw, FEATURE_REPEAT, dim=1)[:, :p_len]
+                feats = self._protect(feats, raw, pitchf, params.protect)
         timings.features += time.perf_counter() - start
         start = time.perf_counter()
         try:
-            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, generator=generator)
+            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, rng=rng)
         except torch.OutOfMemoryError as exc:
             raise InferenceError(f"out of memory on {self.device}; try --device cpu", "--device") from exc
         audio = audio[0].float().cpu().numpy()
@@ -2598,7 +2675,7 @@ class Converter:
 
     @staticmethod
     def _protect(feats: torch.Tensor, raw: torch.Tensor, pitchf: torch.Tensor, protect: float) -> torch.Tensor:
-        """§5.7 step 7: on unvoiced frames mix the retrieved features back towards the raw
+        """On unvoiced frames mix the retrieved features back towards the raw
         ones (weight `protect`), which keeps consonants and breaths intelligible."""
         weight = pitchf.clone()
         weight[pitchf > 0] = 1
@@ -2662,7 +2739,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
                             "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
 
-    defaults = ConversionParams()  # the WebUI's defaults, stated once (section 9)
+    defaults = ConversionParams()  # the WebUI's defaults, stated once (Pipeline section)
 
     def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -2755,10 +2832,10 @@ class Paths:
             raise NotFoundError("voice model not found", path)
         return path
 
-    def feature_index(self, name: str) -> Path:
+    def feature_index(self, name: str, warn: Warn = print_warning) -> Path:
         name = check_name(name, "--index_name", ".index")
         path = self.models_dir / VOICE_SUBDIR / f"{name}.index"
-        if "trained" in name:  # users often pick the trained_*.index, which holds no vectors (§5.1)
+        if "trained" in name:  # users often pick the trained_*.index, which holds no vectors
             added = path.with_name(f"{name.replace('trained', 'added')}.index")
             if added.is_file():
                 warn(f"using {added.name} instead of {path.name} (a trained_*.index holds no vectors)")
@@ -2799,14 +2876,58 @@ def choose_f0_method(requested: str | None, rmvpe_path: Path) -> str:
     return requested
 
 
+class RunState:
+    """What one run owns besides its options: a command-line invocation has one, and so
+    will each request of a service worker; nothing in it outlives the run.
+
+    warnings: every warning of the run (also reported by --json). committing: set once the
+    output is being renamed into place, when it is too late to stop. interrupted_by: the
+    signal that ended the run.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.warnings: list[str] = []
+        self.committing = False
+        self.interrupted_by: str | None = None
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print_warning(message)
+
+    def begin_commit(self) -> None:
+        self.committing = True
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
+        swallows), so every cleanup on the way out runs and no partial output remains."""
+        if not self.committing:
+            self.interrupted_by = signal.Signals(signum).name
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM interrupt this run while the block runs; the previous
+        handlers are restored after it."""
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 @dataclass
 class Run:
-    """One invocation: parsed options, resolved paths, and what --json reports."""
+    """One conversion job: parsed options, resolved paths, its state, and what --json reports."""
 
     args: argparse.Namespace
     paths: Paths
+    state: RunState = field(default_factory=RunState)
     report: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
+
+    def warn(self, message: str) -> None:
+        self.state.warn(message)
 
     def say(self, message: str) -> None:
         """Information for a person at a terminal: stderr, silenced by --quiet."""
@@ -2825,7 +2946,9 @@ def _model_summary(voice: "VoiceModel", name: str) -> dict:
 
 
 def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
-    """Index files that belong to a model, by the WebUI's naming rules (§6.2)."""
+    """Index files that belong to a model, by the WebUI's pairing rules: the model's own
+    name, or (its name less an _e<epoch>_s<step> suffix) `<name>_added_*` or `*_<name>_v1|v2*`,
+    never a trained_* file (it holds no vectors)."""
     exp = re.sub(r"_e\d+_s\d+$", "", model_name)
     return sorted(n for n in index_names if "trained" not in n and (
         n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
@@ -2839,7 +2962,7 @@ def list_models(run: Run) -> int:
     models = []
     for path in sorted(folder.glob("*.pth")):
         try:
-            entry = _model_summary(load_voice_model(path), path.stem)
+            entry = _model_summary(load_voice_model(path, run.warn), path.stem)
         except RVCError as exc:
             entry = {"name": path.stem, "error": str(exc)}
         entry["indexes"] = matching_indexes(path.stem, indexes)
@@ -2858,7 +2981,7 @@ def list_models(run: Run) -> int:
 def model_info(run: Run) -> int:
     path = run.paths.voice_model(run.args.info, "--info")
     folder = path.parent
-    entry = _model_summary(load_voice_model(path), path.stem)
+    entry = _model_summary(load_voice_model(path, run.warn), path.stem)
     entry["indexes"] = matching_indexes(path.stem, [p.stem for p in folder.glob("*.index")])
     entry["path"] = str(path)
     run.report["model"] = entry
@@ -2868,46 +2991,27 @@ def model_info(run: Run) -> int:
     return EXIT_OK
 
 
-_COMMITTING = False  # set once the output is being renamed into place: too late to stop
-
-
-def _begin_commit() -> None:
-    global _COMMITTING
-    _COMMITTING = True
-
-
-_SIGNAL_RECEIVED: list[str] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
-    swallows), so every cleanup on the way out runs and no partial output remains."""
-    if not _COMMITTING:
-        _SIGNAL_RECEIVED.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt
-
-
 def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     """Everything before the conversion itself: also the whole of --check."""
     args, paths = run.args, run.paths
     if not (args.input and args.output and args.model):
         raise UsageError("INPUT, OUTPUT and MODEL are required")
     model_path = paths.voice_model(args.model)
-    index_path = paths.feature_index(args.index_name) if args.index_name else None
+    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
     output = Path(args.output)
     check_output_writable(output)
     device, dtype = resolve_device(args.device, args.precision)
-    audio = read_input_audio(Path(args.input))
+    audio = read_input_audio(Path(args.input), run.warn)
 
     timings = Timings()
     start = time.perf_counter()
-    voice = load_voice_model(model_path)
+    voice = load_voice_model(model_path, run.warn)
     if args.speaker_id >= voice.n_speakers:
         raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
                          "--speaker_id")
     method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
     if index_path is None and args.index_rate is not None:
-        warn("--index_rate has no effect without --index_name")
+        run.warn("--index_rate has no effect without --index_name")
     index = load_index(index_path, voice.phone_dim) if index_path else None
     hubert = load_hubert(paths.hubert)
     rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
@@ -2925,7 +3029,8 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
         f0_method=method, device=str(device), precision=next(k for k, v in PRECISIONS.items() if v == dtype),
-        input_duration=round(audio.duration, 6), timings=timings)
+        input_duration=round(audio.duration, 6), input_sample_rate=audio.source_rate,
+        input_channels=audio.source_channels, timings=timings)
     return converter, audio, params
 
 
@@ -2945,8 +3050,8 @@ def convert(run: Run) -> int:
         samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
-    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=_begin_commit)
-    total = time.perf_counter() - run.started
+    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=run.state.begin_commit)
+    total = time.perf_counter() - run.state.started
     run.report.update(sample_rate=rate, output_duration=round(len(samples) / rate, 6))
     run.say(f"wrote {run.args.output}: {len(samples) / rate:.2f} s at {rate} Hz in {total:.1f} s "
             f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
@@ -2957,61 +3062,62 @@ def convert(run: Run) -> int:
 # 13. Command line
 # =============================================================================
 
-def _emit_json(run: Run | None, code: int, error: RVCError | None) -> None:
+def _emit_json(state: RunState, run: Run | None, code: int, error: RVCError | None) -> None:
     report: dict[str, Any] = {"ok": code == EXIT_OK, "exit_code": code}
     if run is not None:
         report.update(run.report)
         if isinstance(report.get("timings"), Timings):
             t: Timings = report["timings"]
             report["timings"] = {"load": t.load, "f0": t.f0, "features": t.features, "synthesis": t.synthesis,
-                                 "total": time.perf_counter() - run.started}
+                                 "total": time.perf_counter() - state.started}
     if error is not None:
         report.update(error=error.kind, message=str(error))
-    report["warnings"] = list(WARNINGS)
+    report["warnings"] = list(state.warnings)
     print(json.dumps(report, default=str), flush=True)
 
 
+def run_mode(run: Run) -> int:
+    """The mode the options ask for; its exit code."""
+    if run.args.list_models:
+        return list_models(run)
+    if run.args.info:
+        return model_info(run)
+    return convert(run)  # also --check
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """One run of the command line: its exit code; one line on stderr for a failure (and
+    its traceback with --verbose), one JSON object on stdout with --json."""
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
     verbose = "--verbose" in argv
+    state = RunState()
     run: Run | None = None
     error: RVCError | None = None
-    if not verbose:  # stderr is an API: libraries' own warnings (deprecations, ...) stay off it
-        import warnings
-
-        warnings.simplefilter("ignore")
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        args = build_parser().parse_args(argv)
-        run = Run(args, Paths.resolve(args))
-        if args.list_models:
-            code = list_models(run)
-        elif args.info:
-            code = model_info(run)
-        else:
-            code = convert(run)
-    except RVCError as exc:
-        error, code = exc, exc.exit_code
-    except KeyboardInterrupt:
-        error = Interrupted(f"interrupted by {_SIGNAL_RECEIVED[-1] if _SIGNAL_RECEIVED else 'SIGINT'}")
-        code = error.exit_code
-    except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
-        error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
-        code = EXIT_INTERNAL
-        if not verbose:
-            error.message += " (run with --verbose for the traceback)"
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    failure: BaseException | None = None
+    with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals():
+        try:
+            args = build_parser().parse_args(argv)
+            run = Run(args, Paths.resolve(args), state)
+            code = run_mode(run)
+        except RVCError as exc:
+            error, failure, code = exc, exc, exc.exit_code
+        except KeyboardInterrupt as exc:
+            error, failure = Interrupted(f"interrupted by {state.interrupted_by or 'SIGINT'}"), exc
+            code = error.exit_code
+        except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
+            error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
+            failure, code = exc, EXIT_INTERNAL
+            if not verbose:
+                error.message += " (run with --verbose for the traceback)"
     if error is not None:
         if verbose:
             import traceback
 
-            traceback.print_exc(file=sys.stderr)
+            traceback.print_exception(failure, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr, flush=True)
     if want_json:
-        _emit_json(run, code, error)
+        _emit_json(state, run, code, error)
     return code
 
 

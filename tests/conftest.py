@@ -41,6 +41,17 @@ def manifest(fixtures: Path) -> dict:
     return json.loads((fixtures / "manifest.json").read_text())
 
 
+def reference_input_16k(fixtures: Path, case: dict):
+    """The exact 16 kHz float32 signal the reference pipeline saw for a manifest case."""
+    import numpy as np
+    import soundfile as sf
+
+    source = case["files"]["input_16k"]
+    if source == "SAME_AS_SOUNDFILE_READ_OF_INPUT":
+        return sf.read(fixtures / case["input"], dtype="float32")[0]
+    return np.load(fixtures / source)
+
+
 def snr_db(reference, estimate) -> float:
     """Signal-to-noise ratio of `estimate` against `reference`, in dB."""
     import numpy as np

@@ -35,7 +35,8 @@ class RunsOnUnpickle:
 
 # --- voice models (.pth, WebUI format) ---------------------------------------
 
-# Official per-rate decoder settings (SPEC §1.3): (spec_channels, upsample_rates, upsample_kernel_sizes).
+# Official per-rate decoder settings (the WebUI's v1/v2 configs):
+# (spec_channels, upsample_rates, upsample_kernel_sizes).
 WEBUI_RATE_CONFIGS = {
     ("v1", 32000): (513, [10, 4, 2, 2, 2], [16, 16, 4, 4, 4]),
     ("v1", 40000): (1025, [10, 10, 2, 2], [16, 16, 4, 4]),
@@ -49,7 +50,7 @@ WEBUI_RATE_CONFIGS = {
 VOICE_MODEL_SIZES = {"tiny": (16, 16, 32, 2, 2, 32, 16), "full": (192, 192, 768, 2, 6, 512, 256)}
 PHONE_DIMS = {"v1": 256, "v2": 768}
 OFFICIAL_SPK_EMBED_DIM = 109  # what the WebUI writes into config[15] (readers use emb_g's rows)
-# The convolutions the WebUI wraps in weight norm (SPEC §1.5), by their folded key.
+# The convolutions the WebUI wraps in weight norm, by their folded key.
 WEIGHT_NORMED = re.compile(r"^(dec\.ups\.\d+|dec\.resblocks\.\d+\.convs[12]\.\d+"
                            r"|flow\.flows\.\d+\.enc\.(in_layers\.\d+|res_skip_layers\.\d+|cond_layer))\.weight$")
 WEIGHT_NORM_NAMES = {"legacy": (".weight_g", ".weight_v"),
@@ -411,7 +412,7 @@ def make_hubert_transformers(folder: Path, *, hidden: int | None = None, layers:
 
 # rmvpe.pt is a bare state dict of RVC's E2E(n_blocks, n_gru, (2, 2), en_de_layers,
 # inter_layers, in_channels, en_out_channels). The key list is spelled out here from the
-# reference layout (SPEC §4.5), independently of rvc_modulator, so the loader is tested
+# reference layout (RVC's E2E state dict), independently of rvc_modulator, so the loader is tested
 # against the format and not against itself.
 RMVPE_SIZES = {
     "tiny": dict(n_blocks=1, n_gru=1, en_de_layers=5, inter_layers=4, in_channels=1, en_out_channels=2),

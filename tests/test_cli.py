@@ -6,9 +6,11 @@ Everything here runs on models the tests build themselves (no shared fixtures ne
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -461,54 +463,75 @@ def test_models_dir_comes_from_the_environment(models, speech, tmp_path):
 
 # --- signals and concurrency ---------------------------------------------------------
 
+def read_terminal_until(fd: int, wanted: bytes, timeout: float = 120) -> bytes:
+    """What a child wrote to its terminal (the master side `fd`) up to `wanted`."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while wanted not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {wanted!r} within {timeout} s: {seen!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        assert chunk, f"the terminal closed before {wanted!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
 def test_sigterm_mid_conversion_leaves_nothing_behind_and_is_prompt(models, tmp_path):
     """Here the signal lands while harvest's blocks run on worker threads (tens of seconds
-    each): the process must not wait for them, nor for the blocks still queued."""
+    each): the process must not wait for them, nor for the blocks still queued. Its
+    terminal shows when the blocks have started."""
+    import pty
+
     source = tmp_path / "long.wav"
     sf.write(source, speech_like(200.0), SR, subtype="PCM_16")
     out = tmp_path / "out.wav"
+    master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(SCRIPT), source, out, "voice", "--models_dir", models,
                              "--f0_method", "harvest", "--json"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past start-up, into the pitch blocks
-    proc.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=120)
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    try:
+        read_terminal_until(master, b"converting: pitch 0/4")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
     assert time.monotonic() - signalled < 10, "waited for the pitch blocks"  # one block takes ~25 s
-    assert proc.returncode == rvc.EXIT_INTERRUPTED, stderr
+    assert proc.returncode == rvc.EXIT_INTERRUPTED
     assert json.loads(stdout)["error"] == "interrupted"
     assert list(tmp_path.iterdir()) == [source]
 
 
-def test_long_inputs_show_progress_on_a_terminal_and_never_in_a_pipe(models, tmp_path):
-    import pty
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr", [Terminal, io.StringIO], ids=["terminal", "pipe"])
+def test_long_inputs_show_progress_on_a_terminal_and_never_in_a_pipe(models, tmp_path, monkeypatch, stderr):
+    """In this process, with the thresholds scaled down so a 10 s input is "long": it takes
+    three RMVPE chunks and two segments."""
     source = tmp_path / "long.wav"
-    sf.write(source, speech_like(70.0), SR, subtype="PCM_16")  # two pitch blocks, two segments
-    args = [sys.executable, str(SCRIPT), source, tmp_path / "out.wav", "voice", "--models_dir", models,
-            "--f0_method", "dio"]
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
-    assert proc.wait(timeout=600) == 0, shown
+    sf.write(source, speech_like(10.0), SR, subtype="PCM_16")
+    for name, value in (("PROGRESS_MIN_SECONDS", 5), ("RMVPE_MAX_UNCHUNKED_FRAMES", 512),
+                        ("RMVPE_CHUNK_FRAMES", 512), ("T_MAX", 8 * SR), ("T_CENTER", 6 * SR), ("T_QUERY", SR)):
+        monkeypatch.setattr(rvc, name, value)
+    monkeypatch.setattr(sys, "stderr", stderr())
+    code = rvc.main([str(source), str(tmp_path / "out.wav"), "voice", "--models_dir", str(models),
+                     "--f0_method", "rmvpe"])
+    shown = sys.stderr.getvalue()
+    assert code == 0, shown
     steps = [(stage, int(done), int(total))
-             for stage, done, total in re.findall(r"\rconverting: (\w+) (\d+)/(\d+)", shown.decode())]
-    segments = steps[2:]
-    assert steps[:2] == [("pitch", 1, 2), ("pitch", 2, 2)], shown
-    assert len(segments) >= 2 and segments == [("segment", k, len(segments)) for k in range(1, len(segments) + 1)]
-
-    piped = run_cli(*args[2:])
-    assert piped.returncode == 0 and "converting" not in piped.stderr, piped.stderr
+             for stage, done, total in re.findall(r"\rconverting: (\w+) (\d+)/(\d+)", shown)]
+    if stderr is io.StringIO:
+        assert steps == [] and "converting" not in shown
+    else:
+        assert steps == [("pitch", k, 3) for k in range(4)] + [("segment", k, 2) for k in range(3)], shown
 
 
 def test_four_conversions_side_by_side(models, speech, tmp_path):

@@ -1,4 +1,4 @@
-"""HuBERT content encoder (§3): the plain-PyTorch network against the WebUI's goldens,
+"""HuBERT content encoder: the plain-PyTorch network against the WebUI's goldens,
 and the loaders for fairseq checkpoints (hubert_base.pt) and transformers folders."""
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_half_precision_model_takes_fp32_audio_and_agrees_with_fp32(tiny_fairseq
     assert snr_db(reference.numpy(), half.float().numpy()) > 30
 
 
-# --- which layer RVC reads (§3.3) --------------------------------------------
+# --- which layer RVC reads --------------------------------------------
 
 def test_frame_count_is_floor_of_n_minus_400_over_320_plus_1(tiny_fairseq):
     model = rvc.load_hubert(tiny_fairseq)

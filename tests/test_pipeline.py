@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 import rvc_modulator as rvc
-from conftest import FIXTURES, run_cli, snr_db, speech_like
+from conftest import FIXTURES, reference_input_16k, run_cli, snr_db, speech_like
 
 OUT_MAX_ABS = 2e-3  # fixtures README: output WAV within 64 LSB and 40 dB SNR
 OUT_SNR_DB = 40
@@ -39,14 +39,6 @@ def case(request, manifest):
 def _needs(case) -> None:
     if case["if_f0"] and case["params"]["f0_method"] == "pm":
         pytest.importorskip("parselmouth", reason="pm cases need praat-parselmouth")
-
-
-def _input_16k(fixtures: Path, case) -> np.ndarray:
-    """The exact 16 kHz signal the reference pipeline saw."""
-    source = case["files"]["input_16k"]
-    if source == "SAME_AS_SOUNDFILE_READ_OF_INPUT":
-        return sf.read(fixtures / case["input"], dtype="float32")[0]
-    return np.load(fixtures / source)
 
 
 def _models_dir(fixtures: Path, case, tmp_path: Path) -> Path:
@@ -103,7 +95,7 @@ def _excused_samples(fixtures: Path, case, n_out: int) -> np.ndarray | None:
     if not case["if_f0"]:
         return None
     p = case["params"]
-    x = np.pad(rvc.condition(_input_16k(fixtures, case)), (rvc.T_PAD, rvc.T_PAD), mode="reflect")
+    x = np.pad(rvc.condition(reference_input_16k(fixtures, case)), (rvc.T_PAD, rvc.T_PAD), mode="reflect")
     p_len = len(x) // rvc.HOP
     rmvpe = _rmvpe(fixtures, case)
     coarse, _ = rvc.estimate_f0(x, p_len, p["f0_method"], f0_up_key=p["f0_up_key"],
@@ -125,7 +117,7 @@ def _excused_samples(fixtures: Path, case, n_out: int) -> np.ndarray | None:
 def test_command_line_reproduces_the_reference_output(fixtures, case, tmp_path):
     _needs(case)
     source = tmp_path / "input_16k.wav"
-    sf.write(source, _input_16k(fixtures, case), rvc.SAMPLE_RATE, subtype="FLOAT")
+    sf.write(source, reference_input_16k(fixtures, case), rvc.SAMPLE_RATE, subtype="FLOAT")
     out = tmp_path / "out.wav"
     models = _models_dir(fixtures, case, tmp_path)
     result = run_cli(source, out, Path(case["model"]).stem, *_cli_args(fixtures, case, models))
@@ -198,7 +190,7 @@ def _params(case) -> rvc.ConversionParams:
 def test_every_stage_matches_the_reference_dumps(fixtures, case):
     _needs(case)
     trace: list[dict] = []
-    samples, rate = _converter(fixtures, case).convert(_input_16k(fixtures, case), _params(case), trace=trace)
+    samples, rate = _converter(fixtures, case).convert(reference_input_16k(fixtures, case), _params(case), trace=trace)
     segments = case["files"]["segments"]
     assert len(trace) == len(segments)
     for k, (ours, ref) in enumerate(zip(trace, segments)):
@@ -231,7 +223,7 @@ def test_every_stage_matches_the_reference_dumps(fixtures, case):
 
 def test_long_input_is_cut_where_the_reference_cuts_it(fixtures, manifest):
     case = next(c for c in manifest["cases"] if len(c["files"]["segments"]) > 1)
-    audio = rvc.condition(_input_16k(fixtures, case))
+    audio = rvc.condition(reference_input_16k(fixtures, case))
     bounds = rvc.segments(len(audio) + 2 * rvc.T_PAD, rvc.split_points(audio))
     assert [list(b[:2]) for b in bounds] == [s["audio_pad_slice"] for s in case["files"]["segments"]]
 

@@ -1,4 +1,4 @@
-"""RMVPE pitch estimation (SPEC §4.5): rmvpe.pt loading, log-mel, network, decoding, chunking."""
+"""RMVPE pitch estimation: rmvpe.pt loading, log-mel, network, decoding, chunking."""
 from __future__ import annotations
 
 import pickle
@@ -71,11 +71,22 @@ def test_loader_infers_the_fixture_hyper_parameters_from_shapes(golden):
     assert golden["model"].cfg == rvc.RMVPEConfig(**{**hp, "kernel_size": tuple(hp["kernel_size"])})
 
 
+# The STFT's float32 rounding is absolute, on the scale of a frame's loud bands: in a band
+# barely above the 1e-5 floor the log magnifies it (FFT libraries differ by machine: an
+# error of 8e-9 at 1.0e-5 is 8e-4 in the log). So the log-mel is held to 1e-4 where the
+# mel is well above the floor, and to a linear bound everywhere.
+MEL_WELL_ABOVE_FLOOR = 1e-3
+LOG_MEL_MAX_ABS, MEL_MAX_ABS = 1e-4, 1e-6
+
+
 def test_log_mel_matches_reference(golden):
     mel, ref = golden["mel"].numpy(), golden["ref"]["mel"]
     assert mel.shape == ref.shape == (128, 1 + len(golden["audio"]) // rvc.HOP)
     assert mel.dtype == np.float32
-    assert np.abs(mel - ref).max() <= 1e-4
+    loud = ref >= np.log(MEL_WELL_ABOVE_FLOOR)
+    assert loud.mean() > 0.5
+    assert np.abs(mel - ref)[loud].max() <= LOG_MEL_MAX_ABS
+    assert np.abs(np.exp(mel.astype(np.float64)) - np.exp(ref.astype(np.float64))).max() <= MEL_MAX_ABS
 
 
 def test_salience_matches_reference(golden):
@@ -245,9 +256,13 @@ def test_frames_whose_peak_is_at_or_below_the_threshold_are_unvoiced():
 
 # --- long inputs ---------------------------------------------------------------
 
-def test_inputs_up_to_a_minute_run_in_one_piece():
-    padded_minute = 60 * rvc.SAMPLE_RATE + 2 * rvc.SAMPLE_RATE  # the pipeline pads 1 s each side
-    assert 1 + padded_minute // rvc.HOP <= rvc.RMVPE_MAX_UNCHUNKED_FRAMES
+def test_inputs_up_to_a_minute_run_in_one_piece(tiny, monkeypatch):
+    lengths = []
+    salience = tiny.salience
+    monkeypatch.setattr(tiny, "salience", lambda mel: lengths.append(mel.shape[1]) or salience(mel))
+    padded_minute = np.zeros((60 + 2 * rvc.X_PAD) * rvc.SAMPLE_RATE, np.float32)  # as the pipeline pads it
+    tiny.f0(padded_minute)
+    assert lengths == [1 + len(padded_minute) // rvc.HOP]
 
 
 def test_longer_inputs_are_processed_in_chunks_with_context(tiny, monkeypatch):
