@@ -157,6 +157,24 @@ def test_same_seed_gives_identical_output_and_no_noise_is_deterministic(models, 
     assert np.array_equal(run("n1.wav", "--no_noise"), run("n2.wav", "--no_noise"))
 
 
+def test_threads_are_honoured_and_do_not_change_the_output(models, speech, tmp_path):
+    one = convert(models, speech, tmp_path / "one.wav", "--threads", "1")
+    two = convert(models, speech, tmp_path / "two.wav", "--threads", "2")
+    assert one.returncode == two.returncode == 0, one.stderr + two.stderr
+    assert (json.loads(one.stdout)["threads"], json.loads(two.stdout)["threads"]) == (1, 2)
+    assert np.array_equal(sf.read(tmp_path / "one.wav")[0], sf.read(tmp_path / "two.wav")[0])
+
+
+def test_help_and_version_answer_without_importing_torch():
+    blocked = ("import runpy, sys; sys.modules['torch'] = sys.modules['numpy'] = None; "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    for flag in ("--version", "--help"):
+        result = subprocess.run([sys.executable, "-c", blocked, str(SCRIPT), flag], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert (rvc.__version__ if flag == "--version" else "--f0_method") in result.stdout
+
+
 def test_dashed_option_spellings_are_accepted(models, speech, tmp_path):
     out = tmp_path / "out.wav"
     result = run_cli(speech, out, "voice", "--models-dir", models, "--index-name", "voice", "--index-rate", "0.5",
