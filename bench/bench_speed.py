@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Speed in one run: the synthesizer against the machine's matrix-product peak, then whole
+conversions in fp32 and bf16 with the full-size random models, and bf16's SNR against fp32.
+
+    python bench/bench_speed.py                          # 10 s and 60 s
+    python bench/bench_speed.py --baseline OLD.py        # also an older rvc_modulator.py, same inputs
+
+1. In this process: torch.mm 2048^3 in fp32 and bf16 (the peak), and the full-size v2 40k
+   synthesizer on 10 s of frames, fp32 and mixed bf16; its FLOPs are counted from the
+   layers it runs (2 x output elements x inputs per output, for every conv and linear).
+2. Each conversion is a fresh `rvc_modulator.py ... --json` process, as a service pays it:
+   wall time, RTF (conversion time / audio duration) and the child's own peak RSS.
+3. SNR of the bf16 output against the fp32 output of the same input and --seed.
+Compare figures only within one run: machines and their load differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+
+from _harness import REPO, build_models, measure, python_with_peak, table
+
+SR = 16000
+SEED = 7
+
+
+def best_of(fn, runs: int = 2) -> float:
+    fn()  # warm-up: kernels are built on first use
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def counted_flops(net, *inputs) -> float:
+    """FLOPs of one forward pass, from every Conv1d, ConvTranspose1d and Linear it runs."""
+    import torch
+
+    total = [0.0]
+
+    def hook(module, args, output):
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            per_output = module.in_channels // module.groups * module.kernel_size[0]
+            if isinstance(module, torch.nn.ConvTranspose1d):  # each input meets every tap once
+                per_output = module.in_channels * module.kernel_size[0] / module.stride[0]
+        else:
+            per_output = module.in_features
+        total[0] += 2.0 * output.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear))]
+    try:
+        net.infer(*inputs, noise=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def synthesizer_figures(models) -> list[dict]:
+    import torch
+
+    import rvc_modulator as rvc
+
+    rvc.keep_freed_memory()
+    rows = []
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        rows.append({"what": f"torch.mm 2048^3 {name}", "seconds": f"{best_of(lambda: a @ b, 3):.3f}",
+                     "GFLOP/s": f"{2 * 2048 ** 3 / best_of(lambda: a @ b, 3) / 1e9:.0f}", "share of peak": ""})
+    voice = rvc.load_voice_model(models / "rvc" / "bench.pth")
+    frames = 10 * rvc.FRAMES_PER_SECOND
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, frames, voice.phone_dim, generator=g), torch.randint(2, 255, (1, frames), generator=g),
+              100 + 200 * torch.rand(1, frames, generator=g), torch.tensor([0]))
+    flops = counted_flops(voice.net, *inputs)
+    mixed = voice.net.with_low_precision(torch.bfloat16)
+    for name, net, peak_row in (("fp32", voice.net, rows[0]), ("mixed bf16", mixed, rows[1])):
+        seconds = best_of(lambda: net.infer(*inputs, noise=False))
+        achieved = flops / seconds / 1e9
+        rows.append({"what": f"synthesizer, 10 s of audio, {name} ({flops / 1e9:.0f} GFLOP)",
+                     "seconds": f"{seconds:.2f}", "GFLOP/s": f"{achieved:.0f}",
+                     "share of peak": f"{achieved / float(peak_row['GFLOP/s']):.0%}"})
+    return rows
+
+
+def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    reference, estimate = reference.astype(np.float64), estimate.astype(np.float64)
+    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - estimate) ** 2), 1e-30)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60])
+    parser.add_argument("--baseline", help="another rvc_modulator.py to run on the same inputs")
+    parser.add_argument("--skip_synthesizer", action="store_true")
+    args = parser.parse_args()
+
+    from conftest import speech_like
+
+    out = REPO / "bench" / "out"
+    models = build_models(out / "models_full", "full")
+    if not args.skip_synthesizer:
+        print(table(synthesizer_figures(models)), "\n", flush=True)
+
+    scripts = [("ours", REPO / "rvc_modulator.py")] + ([("baseline", args.baseline)] if args.baseline else [])
+    rows = []
+    for seconds in args.seconds:
+        source = out / f"speech_{seconds:g}s.wav"
+        if not source.exists():
+            sf.write(source, speech_like(seconds), SR, subtype="PCM_16")
+        outputs = {}
+        for label, script in scripts:
+            for precision in ("fp32", "bf16"):
+                target = out / f"speed_{label}_{precision}_{seconds:g}s.wav"
+                run = measure(python_with_peak(script, source, target, "bench", "--models_dir", models,
+                                               "--f0_method", "rmvpe", "--precision", precision, "--seed", SEED,
+                                               "--device", "cpu", "--json", "--quiet"))
+                if run.returncode != 0:
+                    sys.exit(f"{label} {precision} {seconds:g} s failed:\n{run.stderr}")
+                t = json.loads(run.stdout)["timings"]
+                outputs[label, precision] = sf.read(target, dtype="float32")[0]
+                rows.append({"audio s": f"{seconds:g}", "script": label, "precision": precision,
+                             "process s": f"{run.wall:.2f}", "RTF": f"{(t['total'] - t['load']) / seconds:.3f}",
+                             "f0 s": f"{t['f0']:.2f}", "features s": f"{t['features']:.2f}",
+                             "synthesis s": f"{t['synthesis']:.2f}", "peak RSS MB": f"{run.peak_rss_mb:.0f}",
+                             "bf16 SNR dB": ""})
+                if precision == "bf16":
+                    rows[-1]["bf16 SNR dB"] = f"{snr_db(outputs[label, 'fp32'], outputs[label, 'bf16']):.1f}"
+                print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
