@@ -255,6 +255,18 @@ def test_cut_falls_at_the_quietest_point_near_each_nominal_cut():
     assert rvc.split_points(audio) == [pytest.approx(quiet - 800 + rvc.HOP // 2, abs=rvc.HOP)]
 
 
+@pytest.mark.parametrize("orig,target", [(44100, 16000), (48000, 16000), (8000, 16000), (40000, 44100),
+                                         (32000, 22050), (192000, 16000)])
+@pytest.mark.parametrize("n", [1, 999, 48017])
+def test_resampling_equals_librosa_soxr_hq(orig, target, n):
+    import librosa
+
+    x = (0.1 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
+    expected = librosa.resample(x, orig_sr=orig, target_sr=target, res_type="soxr_hq")
+    ours = rvc.resample(x, orig, target)
+    assert ours.dtype == expected.dtype and np.array_equal(ours, expected)
+
+
 @pytest.mark.parametrize("n,sr", [(48000, 16000), (119200, 40000), (48017, 16000), (7, 16000)])
 def test_frame_rms_equals_librosa(n, sr):
     librosa = pytest.importorskip("librosa")
