@@ -2130,8 +2130,10 @@ class Synthesizer(nn.Module):
             block.convs1 = nn.ModuleList(LowPrecisionConv1d(conv, dtype) for conv in block.convs1)
             block.convs2 = nn.ModuleList(LowPrecisionConv1d(conv, dtype) for conv in block.convs2)
             blocks.append(block)
-        net, net.dec = shallow(self), shallow(self.dec)
-        net.dec.resblocks = nn.ModuleList(blocks)
+        decoder = shallow(self.dec)
+        decoder.resblocks = nn.ModuleList(blocks)
+        net = shallow(self)
+        net.dec = decoder
         return net
 
     def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool, n_speakers: int):
