@@ -23,7 +23,8 @@ it (tests/test_structure.py checks that), so it can be read from the top down.
    2. Errors          exit codes, the exceptions that carry them, warnings.
    3. Options         the command-line options: names, defaults, ranges, where files are.
                       (They need no torch: --help and --version answer before it loads.)
-   4. Audio I/O       decoding any input to 16 kHz mono, atomic writing of the output.
+   4. Audio I/O       decoding any input to 16 kHz mono, scratch files (long inputs go
+                      disk to disk), atomic writing of the output.
    5. Weight loading  safe unpickling, safetensors, weight-norm folding, key/shape checks.
    6. HuBERT          the content encoder, then its loader (fairseq file or transformers folder).
    7. RMVPE           the pitch network with its mel front-end and decoding, then its loader.
@@ -322,25 +323,132 @@ CLIPPED_SAMPLES_TO_WARN = 3  # a lone full-scale peak is legitimate; several sug
 STEREO_TO_MONO_GAIN = 1 / math.sqrt(2)  # ffmpeg's stereo-to-mono downmix, which the WebUI uses
 
 
+# Long inputs are converted disk to disk: the input at 16 kHz, its filtered copy and the
+# network's raw output live in scratch files, and every stage reads the window it needs, so
+# memory does not grow with the input (an hour at 16 kHz in float64 alone is 460 MB).
+# A Signal is anything with a length that gives a contiguous range of samples by slice:
+# an ndarray, or a SampleFile.
+Signal = Any
+READ_BLOCK = 1 << 18  # frames decoded per read (5.5 s at 48 kHz)
+BLOCK = 1 << 18  # samples per pass of the streaming stages (16 s at 16 kHz)
+
+
+class SampleFile:
+    """A growing sequence of samples in an unnamed temporary file, read back by slice.
+
+    Reads copy (os.pread), so nothing stays mapped: resident memory does not grow with the
+    file. The file has no name and vanishes when closed or when the process dies. Failures
+    (a full disk) are an OutputError: the scratch space is part of writing the output.
+    """
+
+    def __init__(self, dtype: Any = np.float32, directory: Path | None = None):
+        self.dtype = np.dtype(dtype)
+        self.directory = directory
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory, prefix=".rvc-", suffix=".samples")
+        except OSError as exc:
+            raise OutputError(f"cannot create scratch audio ({exc.strerror})", directory or tempfile.gettempdir()) from exc
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def append(self, samples: np.ndarray) -> None:
+        self.write_at(self._length, samples)
+
+    def write_at(self, start: int, samples: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(samples, dtype=self.dtype)).cast("B")
+        offset = start * self.dtype.itemsize
+        try:
+            while data:
+                written = os.pwrite(self._file.fileno(), data, offset)
+                data, offset = data[written:], offset + written
+        except OSError as exc:
+            where = self.directory or tempfile.gettempdir()
+            raise OutputError(f"cannot write scratch audio ({exc.strerror})", where) from exc
+        self._length = max(self._length, start + len(samples))
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(self._length)
+        if step != 1:
+            raise ValueError("SampleFile reads contiguous ranges only")
+        out = np.empty(max(0, stop - start), self.dtype)
+        view, offset = memoryview(out).cast("B"), start * self.dtype.itemsize
+        while view:
+            got = os.preadv(self._file.fileno(), [view], offset)
+            if got == 0:
+                raise OutputError("scratch audio ended early", self.directory or tempfile.gettempdir())
+            view, offset = view[got:], offset + got
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SampleFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def reflect_read(signal: Signal, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of `signal` extended beyond its ends by reflection about its
+    first and last sample, as numpy's pad mode "reflect" (periodic for long pads); only the
+    samples the range touches are read."""
+    n = len(signal)
+    if 0 <= start and stop <= n:
+        return np.asarray(signal[start:stop])
+    if n == 1:
+        return np.repeat(np.asarray(signal[0:1]), stop - start)
+    idx = np.arange(start, stop) % (2 * (n - 1))
+    idx = np.where(idx < n, idx, 2 * (n - 1) - idx)
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    return np.asarray(signal[lo:hi])[idx - lo]
+
+
+class ReflectPadded:
+    """`signal` reflect-padded by `pad` samples on both sides, read by slice: the slices of
+    np.pad(signal, pad, mode="reflect") without making it."""
+
+    def __init__(self, signal: Signal, pad: int):
+        self.signal, self.pad = signal, pad
+
+    def __len__(self) -> int:
+        return len(self.signal) + 2 * self.pad
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, _ = index.indices(len(self))
+        return reflect_read(self.signal, start - self.pad, max(start, stop) - self.pad)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
 @dataclass
 class InputAudio:
     """The input as the pipeline sees it: mono float32 at 16 kHz, plus what it was."""
 
-    samples: np.ndarray  # (N,) float32, 16 kHz
+    samples: Signal  # (N,) float32, 16 kHz: a SampleFile when read from a file
     source_rate: int
     source_channels: int
     duration: float  # seconds, of the original file
+    peak: float  # max |sample| at 16 kHz
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
-    """Decode any audio file to (frames, channels) float32 and its rate."""
+def _decoded_blocks(path: Path) -> tuple[Iterator[np.ndarray], int, int]:
+    """Decode any audio file as (blocks of (frames, channels) float32, rate, channels)."""
     import soundfile as sf
 
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return data, int(rate)
+        handle = sf.SoundFile(str(path))
     except (RuntimeError, sf.LibsndfileError, ValueError, EOFError) as sf_error:
-        # MP3/M4A/... where libsndfile cannot: librosa falls back to audioread (ffmpeg).
+        # MP3/M4A/... where libsndfile cannot: librosa falls back to audioread (ffmpeg),
+        # which decodes the whole file.
         try:
             import librosa
 
@@ -348,8 +456,47 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
                 data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
         except Exception:
             raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
-        data = np.atleast_2d(data).T  # librosa gives (channels, frames)
-        return np.ascontiguousarray(data, dtype=np.float32), int(rate)
+        data = np.ascontiguousarray(np.atleast_2d(data).T, dtype=np.float32)  # librosa gives (channels, frames)
+        return iter([data]), int(rate), data.shape[1]
+
+    def blocks() -> Iterator[np.ndarray]:
+        with handle:
+            try:
+                while True:
+                    block = handle.read(READ_BLOCK, dtype="float32", always_2d=True)
+                    if not len(block):
+                        return
+                    yield block
+            except (RuntimeError, sf.LibsndfileError, ValueError, EOFError) as exc:
+                raise InputAudioError(f"cannot decode audio: {_first_line(exc)}", path) from exc
+
+    return blocks(), int(handle.samplerate), int(handle.channels)
+
+
+class Resampler:
+    """resample() a block at a time: soxr's stream gives the one-shot's samples exactly;
+    finish(n) ends the stream and cuts or pads the total to ceil(n * target / orig)."""
+
+    def __init__(self, orig_sr: int, target_sr: int, dtype: Any = np.float32):
+        import soxr
+
+        self.orig_sr, self.target_sr, self.dtype = orig_sr, target_sr, np.dtype(dtype)
+        self._stream = soxr.ResampleStream(orig_sr, target_sr, 1, dtype=self.dtype.name, quality="soxr_hq")
+        self._emitted = 0
+
+    def __call__(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        out = self._stream.resample_chunk(np.ascontiguousarray(block, dtype=self.dtype), last=last)
+        self._emitted += len(out)
+        return out
+
+    def finish(self, n_in: int) -> np.ndarray:
+        """The stream's last samples, with the total made ceil(n_in * target / orig)."""
+        size = math.ceil(n_in * (float(self.target_sr) / self.orig_sr))
+        tail = self(np.zeros(0, self.dtype), last=True)
+        excess = self._emitted - size
+        if excess > 0:  # cut: never more than the last block holds
+            tail = tail[:max(0, len(tail) - excess)]
+        return np.concatenate([tail, np.zeros(max(0, -excess), self.dtype)])
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -359,12 +506,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     resampler, installed with it)."""
     if orig_sr == target_sr:
         return audio
-    import soxr
-
-    size = math.ceil(len(audio) * (float(target_sr) / orig_sr))
-    out = soxr.resample(audio, orig_sr, target_sr, quality="soxr_hq")
-    out = out[:size] if len(out) >= size else np.pad(out, (0, size - len(out)))
-    return np.asarray(out, dtype=audio.dtype)
+    resampler = Resampler(orig_sr, target_sr, audio.dtype)
+    return np.concatenate([resampler(audio), resampler.finish(len(audio))])
 
 
 def downmix(data: np.ndarray) -> np.ndarray:
@@ -378,8 +521,9 @@ def downmix(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1, dtype=np.float32)
 
 
-def read_input_audio(path: Path, warn: Warn = print_warning) -> InputAudio:
-    """Read an input file as the pipeline wants it: mono float32 at 16 kHz.
+def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | None = None) -> InputAudio:
+    """Read an input file as the pipeline wants it: mono float32 at 16 kHz, decoded,
+    mixed down and resampled a block at a time into a SampleFile (in `directory`).
 
     Channels are mixed down as the WebUI's ffmpeg does, other rates resampled.
     Empty, non-finite or undecodable input is an InputAudioError.
@@ -389,30 +533,54 @@ def read_input_audio(path: Path, warn: Warn = print_warning) -> InputAudio:
         raise InputAudioError("input file not found", path)
     if path.is_dir():
         raise InputAudioError("input is a directory, not an audio file", path)
-    data, rate = _decode(path)
-    frames, channels = data.shape
-    if frames == 0:
-        raise InputAudioError("input has no audio samples", path)
-    if not np.isfinite(data).all():
-        raise InputAudioError("input contains NaN or infinite samples", path)
-    clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
+    blocks, rate, channels = _decoded_blocks(path)
+    resampler = Resampler(rate, SAMPLE_RATE) if rate != SAMPLE_RATE else None
+    samples = SampleFile(np.float32, directory)
+    frames = clipped = 0
+    peak = 0.0
+    try:
+        def keep(mono: np.ndarray) -> None:
+            nonlocal peak
+            if len(mono):
+                peak = max(peak, float(np.abs(mono).max()))
+                samples.append(mono)
+
+        for block in blocks:
+            if not np.isfinite(block).all():
+                raise InputAudioError("input contains NaN or infinite samples", path)
+            frames += len(block)
+            clipped += int(np.count_nonzero(np.abs(block) >= CLIP_LEVEL))
+            mono = downmix(block)
+            keep(resampler(mono) if resampler else mono)
+        if frames == 0:
+            raise InputAudioError("input has no audio samples", path)
+        if resampler:
+            keep(resampler.finish(frames))
+    except BaseException:
+        samples.close()
+        raise
     if clipped >= CLIPPED_SAMPLES_TO_WARN:
         warn(f"the input is clipped: {clipped} samples at or beyond full scale")
-    mono = downmix(data)
     if channels > 1:
         warn(f"mixed {channels} channels down to mono")
-    if rate != SAMPLE_RATE:
+    if resampler:
         warn(f"resampled the input from {rate} Hz to {SAMPLE_RATE} Hz")
-        mono = resample(mono, rate, SAMPLE_RATE).astype(np.float32)
-    return InputAudio(np.ascontiguousarray(mono, dtype=np.float32), rate, channels, frames / rate)
+    return InputAudio(samples, rate, channels, frames / rate, peak)
 
 
-def to_int16(audio: np.ndarray) -> np.ndarray:
-    """int16 samples as the reference makes them; outputs peaking above OUTPUT_PEAK are
-    normalised to that peak, others are left as they are."""
-    peak = float(np.abs(audio).max()) / OUTPUT_PEAK if audio.size else 0.0
-    scale = INT16_SCALE / peak if peak > 1 else INT16_SCALE
-    return (audio * np.float32(scale)).astype(np.int16)  # truncation toward zero, as the reference
+def int16_scale(peak: float) -> np.float32:
+    """The factor from float samples to int16 as the reference makes them: outputs
+    peaking above OUTPUT_PEAK are normalised to that peak, others are left as they are."""
+    peak = peak / OUTPUT_PEAK
+    return np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
+
+
+def to_int16(audio: np.ndarray, peak: float | None = None) -> np.ndarray:
+    """int16 samples as the reference makes them; `peak` is max |sample| of the whole
+    output this block belongs to (default: this block's)."""
+    if peak is None:
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+    return (audio * int16_scale(peak)).astype(np.int16)  # truncation toward zero, as the reference
 
 
 def output_format(path: Path) -> tuple[str, str]:
@@ -441,24 +609,35 @@ def check_output_writable(path: Path) -> None:
     os.unlink(probe)
 
 
-def write_audio_atomic(path: Path, samples: np.ndarray, sample_rate: int,
-                       before_commit: Callable[[], None] | None = None) -> None:
-    """Write to a temporary file beside `path`, then rename it into place.
+def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sample_rate: int,
+                       before_commit: Callable[[], None] | None = None) -> int:
+    """Write samples (an array, or blocks of one as they are made) to a temporary file
+    beside `path`, then rename it into place; returns the number of frames written.
 
-    On any failure (or an interrupt) the temporary file is removed and an existing
-    file at `path` is left as it was; a reader never sees a half-written output.
+    On any failure (or an interrupt), also one raised while a block is being made, the
+    temporary file is removed and an existing file at `path` is left as it was; a reader
+    never sees a half-written output.
     """
     import soundfile as sf
 
     path = Path(path)
     fmt, subtype = output_format(path)
+    if isinstance(blocks, np.ndarray):
+        blocks = [blocks]
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"cannot create the output file ({exc.strerror})", path) from exc
+    frames = 0
     try:
         with os.fdopen(fd, "wb") as handle:
-            sf.write(handle, samples, sample_rate, format=fmt, subtype=subtype)
+            with sf.SoundFile(handle, "w", sample_rate, 1, subtype, format=fmt) as out:
+                for block in blocks:  # what making a block raises is not the writer's fault
+                    try:
+                        out.write(block)
+                    except (RuntimeError, sf.LibsndfileError) as exc:
+                        raise OutputError(f"cannot write the output ({_first_line(exc)})", path) from exc
+                    frames += len(block)
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -475,6 +654,7 @@ def write_audio_atomic(path: Path, samples: np.ndarray, sample_rate: int,
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write the output ({exc.strerror or exc})", path) from exc
         raise
+    return frames
 
 
 # =============================================================================
@@ -611,13 +791,20 @@ def load_checked(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
 
     The network is built on the meta device (no storage, no random initialisation: for a
     full-size model that saves about a second, and every tensor is replaced anyway); the
-    file's tensors are then assigned to it, cast to fp32 (a no-op for fp32 files).
+    file's tensors are then assigned to it, cast to fp32 (a no-op for fp32 files). A dict
+    `state` is emptied of them as they are cast, so that where the caller holds no other
+    reference the file's fp16 copy and the fp32 one are never both whole in memory
+    (hubert_base: 190 MB less at its peak).
     """
     with torch.device("meta"):
         module = build()
     check_state_dict(module, state, path, ignore, spell)
-    module.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k]
-                            for k in module.state_dict()}, assign=True)
+    adopted = {}
+    for key in module.state_dict():
+        tensor = state.pop(key) if isinstance(state, dict) else state[key]
+        adopted[key] = tensor.float() if tensor.is_floating_point() else tensor
+        del tensor
+    module.load_state_dict(adopted, assign=True)
     return module.eval()
 
 
@@ -703,6 +890,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 HUBERT_V1_LAYER = 9
 VERSION_PHONE_DIMS = {"v1": 256, "v2": 768}  # content feature size each model version reads
+HUBERT_CHUNK_FRAMES = 250  # feature-extractor frames (5 s) computed at once on long segments
 
 
 @dataclass(frozen=True)
@@ -747,10 +935,18 @@ class HubertConvLayer(nn.Module):
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
         self.layer_norm = Fp32GroupNorm(c_out, c_out) if group_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, N) -> (B, C_out, N')
+    def forward(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, C_in, N) -> (B, C_out, N'). stats: the (mean, 1 / std) of this layer's
+        convolution output per channel over the whole signal, (B, C_out) each, when x is
+        only a piece of it; None: x is the whole signal."""
         x = self.conv(x)
         if self.layer_norm is not None:
-            x = self.layer_norm(x)
+            if stats is None:
+                x = self.layer_norm(x)
+            else:
+                mean, inv_std = stats
+                scale = inv_std * self.layer_norm.weight  # (B, C)
+                x = (x - mean[..., None]) * scale[..., None] + self.layer_norm.bias[:, None]
         return F.gelu(x)
 
 
@@ -766,10 +962,64 @@ class HubertFeatureExtractor(nn.Module):
             for i, (c, kernel, stride) in enumerate(conv_layers))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, C, T)
+        """In one piece up to HUBERT_CHUNK_FRAMES frames, else HUBERT_CHUNK_FRAMES at a time.
+
+        The convolutions have no padding, so a range of frames needs only the samples
+        under it (stride * frames + the receptive field). Only the first layer's GroupNorm
+        looks at the whole signal: its statistics come first, from the first convolution
+        alone, in pieces. The first layer's output of a 50 s segment would be 340 MB.
+        """
         x = wave[:, None, :]
+        n_frames = self.num_frames(x.shape[-1])
+        if n_frames <= HUBERT_CHUNK_FRAMES:
+            for layer in self.conv_layers:
+                x = layer(x)
+            return x
+        stats = self._first_layer_stats(x)
+        stride, field = self.stride_and_field()
+        pieces = []
+        for start in range(0, n_frames, HUBERT_CHUNK_FRAMES):
+            stop = min(start + HUBERT_CHUNK_FRAMES, n_frames)
+            piece = x[..., start * stride: (stop - 1) * stride + field]
+            piece = self.conv_layers[0](piece, stats)
+            for layer in self.conv_layers[1:]:
+                piece = layer(piece)
+            pieces.append(piece)  # (B, C, stop - start)
+        return torch.cat(pieces, dim=-1)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the conv stack makes of num_samples samples (0 if too short)."""
         for layer in self.conv_layers:
-            x = layer(x)
-        return x
+            num_samples = max(0, (num_samples - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1)
+        return num_samples
+
+    def stride_and_field(self) -> tuple[int, int]:
+        """Samples between frames, and samples under one frame (hubert_base: 320, 400)."""
+        stride, field = 1, 1
+        for layer in reversed(self.conv_layers):
+            field = (field - 1) * layer.conv.stride[0] + layer.conv.kernel_size[0]
+            stride *= layer.conv.stride[0]
+        return stride, field
+
+    def _first_layer_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / sqrt(var + eps)) per (batch, channel) of the first convolution's output
+        over the whole signal (B, 1, N), as GroupNorm computes them (biased variance),
+        accumulated in float64 a piece at a time."""
+        conv = self.conv_layers[0].conv
+        kernel, stride = conv.kernel_size[0], conv.stride[0]
+        n_out = (x.shape[-1] - kernel) // stride + 1
+        step = HUBERT_CHUNK_FRAMES * self.stride_and_field()[0] // stride  # first-layer outputs per piece
+        total = torch.zeros(x.shape[0], conv.out_channels, dtype=torch.float64, device=x.device)
+        squares = torch.zeros_like(total)
+        for start in range(0, n_out, step):
+            stop = min(start + step, n_out)
+            y = conv(x[..., start * stride: (stop - 1) * stride + kernel]).double()  # (B, C, stop - start)
+            total += y.sum(-1)
+            squares += (y * y).sum(-1)
+        mean = total / n_out
+        var = (squares / n_out - mean * mean).clamp(min=0)
+        dtype = conv.weight.dtype
+        return mean.to(dtype), torch.rsqrt(var + self.conv_layers[0].layer_norm.eps).to(dtype)
 
 
 class HubertFeatureProjection(nn.Module):
@@ -877,9 +1127,7 @@ class HubertEncoder(nn.Module):
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the conv stack makes of num_samples samples (0 if too short)."""
-        for _, kernel, stride in self.config.conv_layers:
-            num_samples = max(0, (num_samples - kernel) // stride + 1)
-        return num_samples
+        return self.feature_extractor.num_frames(num_samples)
 
     def forward(self, wave: torch.Tensor, num_layers: int) -> torch.Tensor:  # (B, N) -> (B, T, H)
         """The output of transformer layer `num_layers` (1-based; 0 = the input to layer 1),
@@ -1194,6 +1442,12 @@ RMVPE_FRAME_MULTIPLE = 32
 RMVPE_MAX_UNCHUNKED_FRAMES = 8192  # ~82 s: one piece, exactly as the reference
 RMVPE_CHUNK_FRAMES = 8192
 RMVPE_CONTEXT_FRAMES = 1600  # 16 s each side
+# Within a chunk, the U-Net's top levels (full and half time resolution, three quarters of
+# its memory per frame) run RMVPE_PIECE_FRAMES at a time: their convolutions see only a few
+# frames around each output (see RMVPEUNet), so pieces with that much context, cropped,
+# give the whole-chunk values, and the memory per frame falls from ~90 to ~40 KB.
+RMVPE_PIECE_FRAMES = 512
+RMVPE_PIECEWISE_LEVELS = 2
 
 
 # The HTK mel scale in librosa's spelling. It is the scale of coarse pitch (1127 ln(1 + f/700),
@@ -1296,7 +1550,8 @@ class RMVPEResStack(nn.Module):
 
 
 class RMVPEEncoder(nn.Module):
-    """BatchNorm on the input, then levels of residual blocks + average pooling (channels ×2 per level)."""
+    """BatchNorm on the input, then levels of residual blocks, each followed by average
+    pooling (channels ×2 per level); RMVPEUNet runs them."""
 
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
@@ -1305,15 +1560,6 @@ class RMVPEEncoder(nn.Module):
         widths = [cfg.in_channels] + [cfg.en_out_channels * 2 ** i for i in range(cfg.en_de_layers)]
         self.layers = nn.ModuleList([RMVPEResStack(widths[i], widths[i + 1], cfg.n_blocks)
                                      for i in range(cfg.en_de_layers)])
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.bn(x)  # (B, 1, T, 128)
-        skips = []
-        for level in self.layers:
-            x = level(x)
-            skips.append(x)  # (B, C, T, F) before pooling, for the decoder
-            x = F.avg_pool2d(x, self.pool)  # (B, C, T/2, F/2)
-        return x, skips
 
 
 class RMVPEIntermediate(nn.Module):
@@ -1352,7 +1598,8 @@ class RMVPEDecoderLevel(nn.Module):
 
 
 class RMVPEDecoder(nn.Module):
-    """Decoder levels, channels ÷2 per level, each joined to the encoder skip of its size."""
+    """Decoder levels, channels ÷2 per level, each joined to the encoder skip of its size;
+    RMVPEUNet runs them."""
 
     def __init__(self, cfg: RMVPEConfig):
         super().__init__()
@@ -1360,10 +1607,23 @@ class RMVPEDecoder(nn.Module):
         self.layers = nn.ModuleList([RMVPEDecoderLevel(bottom >> i, bottom >> (i + 1), cfg.kernel_size, cfg.n_blocks)
                                      for i in range(cfg.en_de_layers)])
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for level, skip in zip(self.layers, reversed(skips)):
-            x = level(x, skip)
-        return x
+
+def in_time_pieces(fn: Callable[..., torch.Tensor], n_frames: int, context: int,
+                   inputs: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """fn over (B, C, T, F) tensors, RMVPE_PIECE_FRAMES output frames at a time.
+
+    inputs: (tensor, divisor) pairs, a tensor holding n_frames // divisor frames on dim 2.
+    Each piece gets `context` output frames (a multiple of every divisor) on both sides,
+    cropped after: equal to fn on the whole when each output frame of fn depends only on
+    inputs within `context` frames of it (zero padding at the ends of the whole stays).
+    """
+    pieces = []
+    for start in range(0, n_frames, RMVPE_PIECE_FRAMES):
+        stop = min(start + RMVPE_PIECE_FRAMES, n_frames)
+        lo, hi = max(0, start - context), min(n_frames, stop + context)
+        y = fn(*(x[:, :, lo // d: hi // d] for x, d in inputs))
+        pieces.append(y[:, :, start - lo: stop - lo])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 class RMVPEUNet(nn.Module):
@@ -1372,10 +1632,32 @@ class RMVPEUNet(nn.Module):
         self.encoder = RMVPEEncoder(cfg)
         self.intermediate = RMVPEIntermediate(cfg)
         self.decoder = RMVPEDecoder(cfg)
+        # A level's output frame depends on frames within 2·n_blocks (its 3×3 convolutions)
+        # plus 2 (the decoder's transposed conv and the head) of it; even, for the pooling.
+        self.context = 2 * (cfg.n_blocks + 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, 128) -> (B, en_out, T, 128)
-        x, skips = self.encoder(x)
-        return self.decoder(self.intermediate(x), skips)
+    def forward(self, x: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """(B, C_in, T, 128) -> (B, en_out, T, 128), or head of that; T a multiple of 32.
+
+        The encoder and decoder levels of the top RMVPE_PIECEWISE_LEVELS resolutions run in
+        time pieces (in_time_pieces), `head` (a 3×3 conv) with the top decoder level."""
+        x = self.encoder.bn(x)
+        skips = []
+        for level, encode in enumerate(self.encoder.layers):
+            if level < RMVPE_PIECEWISE_LEVELS:
+                x = in_time_pieces(encode, x.shape[2], self.context, [(x, 1)])
+            else:
+                x = encode(x)
+            skips.append(x)  # (B, C, T', F') before pooling, for the decoder
+            x = F.avg_pool2d(x, self.encoder.pool)
+        x = self.intermediate(x)
+        for level, (decode, skip) in reversed(list(enumerate(zip(reversed(self.decoder.layers), skips)))):
+            fn = decode if level or head is None else (lambda low, skip, decode=decode: head(decode(low, skip)))
+            if level < RMVPE_PIECEWISE_LEVELS:
+                x = in_time_pieces(fn, skip.shape[2], self.context, [(x, 2), (skip, 1)])
+            else:
+                x = fn(x, skip)
+        return x
 
 
 class RMVPEBiGRU(nn.Module):
@@ -1407,31 +1689,29 @@ class RMVPE(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, 128, T) log-mel, T a multiple of 32 -> (B, T, 360) salience in (0, 1)."""
-        x = self.unet(mel.transpose(1, 2).unsqueeze(1))  # (B, en_out, T, 128)
-        x = self.cnn(x).transpose(1, 2).flatten(2)  # (B, 3, T, 128) -> (B, T, 384)
+        x = self.unet(mel.transpose(1, 2).unsqueeze(1), head=self.cnn)  # (B, 3, T, 128)
+        x = x.transpose(1, 2).flatten(2)  # (B, T, 384)
         return torch.sigmoid(self.fc(x))
 
     @torch.inference_mode()
-    def mel(self, audio: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def mel(self, audio: Signal, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Frames [start, stop) of the log-mel of the whole signal `audio` (N,): (128, stop - start).
 
         Frame t is the periodic-Hann-windowed STFT of samples t·HOP ± 512, the signal being
-        reflected at its ends (torch.stft center=True). Taking only the samples a range of
-        frames needs gives exactly those frames of the whole-signal spectrogram.
+        reflected at its ends (torch.stft center=True). Only the samples a range of frames
+        needs are read, and they give exactly those frames of the whole-signal spectrogram.
         """
-        n = audio.shape[-1]
+        n = len(audio)
         if n < 2:
             raise ValueError("RMVPE needs at least 2 samples")
         stop = 1 + n // HOP if stop is None else stop
-        # Sample indices of the frames' support, folded back into [0, n) by reflection
-        # about the first and last sample (numpy "reflect": the edge is not repeated).
-        idx = torch.arange(start * HOP - RMVPE_N_FFT // 2, (stop - 1) * HOP + RMVPE_N_FFT // 2,
-                           device=audio.device).remainder(2 * (n - 1))
-        samples = audio.float()[torch.where(idx < n, idx, 2 * (n - 1) - idx)]
-        spec = torch.stft(samples, RMVPE_N_FFT, HOP, window=torch.hann_window(RMVPE_N_FFT, device=audio.device),
+        device = self.cnn.weight.device
+        window = reflect_read(audio, start * HOP - RMVPE_N_FFT // 2, (stop - 1) * HOP + RMVPE_N_FFT // 2)
+        samples = torch.from_numpy(np.asarray(window, dtype=np.float32)).to(device)
+        spec = torch.stft(samples, RMVPE_N_FFT, HOP, window=torch.hann_window(RMVPE_N_FFT, device=device),
                           center=False, return_complex=True)  # (513, stop - start)
         magnitude = torch.sqrt(spec.real ** 2 + spec.imag ** 2)
-        mel = self.mel_basis.to(audio.device) @ magnitude  # (128, stop - start)
+        mel = self.mel_basis.to(device) @ magnitude  # (128, stop - start)
         return torch.log(torch.clamp(mel, min=RMVPE_LOG_FLOOR))
 
     @torch.inference_mode()
@@ -1446,7 +1726,7 @@ class RMVPE(nn.Module):
         salience = self(padded.unsqueeze(0).to(self.cnn.weight.dtype))  # (1, T', 360)
         return salience[0, :n_frames].float()
 
-    def f0(self, audio16k: np.ndarray, threshold: float = RMVPE_THRESHOLD, *,
+    def f0(self, audio16k: Signal, threshold: float = RMVPE_THRESHOLD, *,
            chunk_frames: int | None = None, context_frames: int = RMVPE_CONTEXT_FRAMES,
            progress: Progress | None = None) -> np.ndarray:
         """Pitch of a 16 kHz signal (N,): (1 + N // 160,) float64 Hz, 0 where unvoiced.
@@ -1456,9 +1736,7 @@ class RMVPE(nn.Module):
         piece up to RMVPE_MAX_UNCHUNKED_FRAMES, else chunks of RMVPE_CHUNK_FRAMES.
         progress: called ("pitch", done, total) as chunks start and end, when there are several.
         """
-        device = self.cnn.weight.device
-        audio = torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32)).to(device)
-        n_frames = 1 + audio.shape[0] // HOP
+        n_frames = 1 + len(audio16k) // HOP
         if chunk_frames is None:
             chunk_frames = n_frames if n_frames <= RMVPE_MAX_UNCHUNKED_FRAMES else RMVPE_CHUNK_FRAMES
         if chunk_frames < n_frames and (chunk_frames <= 0 or context_frames < 0 or chunk_frames % RMVPE_FRAME_MULTIPLE
@@ -1470,7 +1748,7 @@ class RMVPE(nn.Module):
         for start in starts:
             stop = min(start + chunk_frames, n_frames)
             lo, hi = max(0, start - context_frames), min(n_frames, stop + context_frames)
-            salience = self.salience(self.mel(audio, lo, hi))[start - lo: stop - lo]  # (stop - start, 360)
+            salience = self.salience(self.mel(audio16k, lo, hi))[start - lo: stop - lo]  # (stop - start, 360)
             f0.append(decode_salience(salience.cpu().numpy(), threshold))
             if progress is not None and len(starts) > 1:
                 progress("pitch", len(f0), len(starts))
@@ -1559,6 +1837,7 @@ def load_rmvpe(path: Path) -> RMVPE:
 LRELU_SLOPE = 0.1  # leaky ReLU slope everywhere except before the decoder's last conv
 FINAL_LRELU_SLOPE = 0.01  # upstream calls leaky_relu() with torch's default slope there
 ATTENTION_WINDOW = 10  # relative-position window of the text encoder's attention
+ATTENTION_QUERY_ROWS = 512  # query frames whose scores are computed at once (bounds memory)
 LAYER_NORM_EPS = 1e-5
 PRIOR_NOISE_SCALE = 0.66666  # scale of the prior sample's noise; upstream's literal constant
 FLOW_COUPLINGS = 4  # coupling layers in the flow (each followed by a channel flip)
@@ -1727,34 +2006,40 @@ class SynthLayerNorm(nn.Module):
         return x.transpose(1, -1)
 
 
-def relative_to_absolute(rel: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, T, 2W+1) values indexed by distance j - i + W  ->  (B, H, T, T) indexed by j.
+def relative_to_absolute(rel: torch.Tensor, window: int, total: int | None = None, start: int = 0) -> torch.Tensor:
+    """(B, H, R, 2W+1) values of query rows start..start+R-1 indexed by distance j - i + W
+    ->  (B, H, R, total) indexed by key j (total: the number of keys, default R).
 
     out[..., i, j] = rel[..., i, j - i + W] when |j - i| <= W, else 0. Row i has to move i
-    places right: lay the rows out with stride T + 2W + 1 and read them back with a stride
-    one shorter (every row then starts one element earlier than the previous one did).
+    places right: lay the rows out with stride R + 2W + 1 and read them back with a stride
+    one shorter (every row then starts one element earlier than the previous one did);
+    that band covers keys start - W .. start + R + W - 1, padded or cut to 0 .. total - 1.
     """
-    b, h, t, r = rel.shape
-    stride = t + r
-    flat = F.pad(rel, (0, stride - r)).reshape(b, h, t * stride)
-    skewed = flat[..., : t * (stride - 1)].reshape(b, h, t, stride - 1)
-    return skewed[..., window: window + t]
+    b, h, r, n = rel.shape
+    total = r if total is None else total
+    flat = F.pad(rel, (0, r)).reshape(b, h, r * (n + r))
+    band = flat[..., : r * (n + r - 1)].reshape(b, h, r, n + r - 1)  # (B, H, R, R + 2W)
+    return F.pad(band, (start - window, total - start - r - window))  # negative pads cut
 
 
-def absolute_to_relative(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, T, T) indexed by j  ->  (B, H, T, 2W+1) indexed by j - i + W (inverse skew).
+def absolute_to_relative(x: torch.Tensor, window: int, start: int = 0) -> torch.Tensor:
+    """(B, H, R, T) query rows start..start+R-1 indexed by key j  ->  (B, H, R, 2W+1)
+    indexed by j - i + W (the inverse skew).
 
-    out[..., i, r] = x[..., i, i + r - W], zero where that column does not exist.
+    out[..., i, r] = x[..., i, i + r - W], zero where that key does not exist.
     """
-    b, h, t, _ = x.shape
-    stride = t + 2 * window
-    flat = F.pad(x, (window, window)).reshape(b, h, t * stride)
-    skewed = F.pad(flat, (0, t)).reshape(b, h, t, stride + 1)
-    return skewed[..., : 2 * window + 1]
+    b, h, r, t = x.shape
+    band = F.pad(x, (window - start, start + r + window - t))  # keys start - W .. start + R + W - 1
+    flat = F.pad(band.reshape(b, h, r * (r + 2 * window)), (0, r))
+    return flat.reshape(b, h, r, r + 2 * window + 1)[..., : 2 * window + 1]
 
 
 class SynthAttention(nn.Module):
-    """Self-attention with learned relative-position keys and values (window ±W, shared by heads)."""
+    """Self-attention with learned relative-position keys and values (window ±W, shared by heads).
+
+    Queries run ATTENTION_QUERY_ROWS at a time: each row's softmax is its own, and the
+    (T, T) score matrix of a long segment would not fit (5 200 frames: 216 MB a head).
+    """
 
     def __init__(self, channels: int, n_heads: int, window: int = ATTENTION_WINDOW):
         super().__init__()
@@ -1775,10 +2060,13 @@ class SynthAttention(nn.Module):
         b, c, t = x.shape
         q = self._heads(self.conv_q(x)) / math.sqrt(self.head_dim)  # (B, H, T, D), pre-scaled
         k, v = self._heads(self.conv_k(x)), self._heads(self.conv_v(x))
-        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
-        scores = scores + relative_to_absolute(q @ self.emb_rel_k.transpose(-2, -1), self.window)
-        p = F.softmax(scores, dim=-1)  # (B, H, T, T)
-        out = p @ v + absolute_to_relative(p, self.window) @ self.emb_rel_v  # (B, H, T, D)
+        out = torch.empty_like(q)  # (B, H, T, D)
+        for start in range(0, t, ATTENTION_QUERY_ROWS):
+            rows = q[:, :, start: start + ATTENTION_QUERY_ROWS]  # (B, H, R, D)
+            scores = rows @ k.transpose(-2, -1)  # (B, H, R, T)
+            scores = scores + relative_to_absolute(rows @ self.emb_rel_k.transpose(-2, -1), self.window, t, start)
+            p = F.softmax(scores, dim=-1)
+            out[:, :, start: start + rows.shape[2]] = p @ v + absolute_to_relative(p, self.window, start) @ self.emb_rel_v
         return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
 
 
@@ -2431,7 +2719,7 @@ def _import_optional(method: str) -> Any:
                          "--f0_method") from exc
 
 
-def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: Signal,
               block_frames: int = F0_BLOCK_FRAMES, context_frames: int = F0_BLOCK_CONTEXT,
               workers: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """Run a 10 ms-frame F0 estimator over a long signal block by block.
@@ -2449,7 +2737,7 @@ def in_blocks(estimate: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
 
     n_frames = len(x) // HOP + 1
     if n_frames <= block_frames + 2 * context_frames:
-        return estimate(x)
+        return estimate(np.asarray(x))
     starts = range(0, n_frames, block_frames)
 
     def block(start: int) -> np.ndarray:
@@ -2491,7 +2779,7 @@ def world_f0(algorithm: str) -> Callable[[np.ndarray], np.ndarray]:
     return f0
 
 
-def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = None) -> np.ndarray:
+def f0_harvest(x: Signal, filter_radius: int, progress: Progress | None = None) -> np.ndarray:
     """WORLD harvest + stonemask refinement (the classic WebUI's); median-filtered (kernel 3)
     when filter_radius > 2."""
     from scipy.signal import medfilt
@@ -2502,16 +2790,16 @@ def f0_harvest(x: np.ndarray, filter_radius: int, progress: Progress | None = No
     return f0
 
 
-def f0_dio(x: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+def f0_dio(x: Signal, progress: Progress | None = None) -> np.ndarray:
     """WORLD dio + stonemask (the classic WebUI's fast estimator, used in training)."""
     return in_blocks(world_f0("dio"), x, progress=progress)
 
 
-def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
+def f0_pm(x: Signal, p_len: int) -> np.ndarray:
     """Praat autocorrelation pitch (parselmouth's to_pitch_ac), zero-padded on both sides
     to p_len frames as the reference does."""
     parselmouth = _import_optional("pm")
-    pitch = parselmouth.Sound(x, SAMPLE_RATE).to_pitch_ac(
+    pitch = parselmouth.Sound(np.asarray(x, dtype=np.float64), SAMPLE_RATE).to_pitch_ac(
         time_step=FRAME_PERIOD_MS / 1000, voicing_threshold=PM_VOICING_THRESHOLD,
         pitch_floor=F0_MIN, pitch_ceiling=F0_MAX)
     f0 = pitch.selected_array["frequency"]
@@ -2521,7 +2809,7 @@ def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
     return f0
 
 
-def f0_crepe(x: np.ndarray, device: torch.device) -> np.ndarray:
+def f0_crepe(x: Signal, device: torch.device) -> np.ndarray:
     """CREPE 'full' via torchcrepe, as the classic WebUI: periodicity median-filtered and
     pitch mean-filtered (3 frames each), frames of periodicity < 0.1 unvoiced."""
     torchcrepe = _import_optional("crepe")
@@ -2566,7 +2854,7 @@ def coarse_pitch(f0: np.ndarray) -> np.ndarray:
     return np.rint(mel).astype(np.int32)
 
 
-def estimate_f0(audio_pad: np.ndarray, p_len: int, method: str, *, f0_up_key: int = 0,
+def estimate_f0(audio_pad: Signal, p_len: int, method: str, *, f0_up_key: int = 0,
                 filter_radius: int = 3, rmvpe: "RMVPE | None" = None,
                 device: torch.device = torch.device("cpu"), interp_unvoiced: bool = False,
                 progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -2657,7 +2945,10 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 # 11. Pipeline
 # =============================================================================
 
-# The conversion, as the reference does it (Converter.convert):
+# The conversion, as the reference does it (Converter.stream), disk to disk: the input,
+# its conditioned copy and the raw output live in SampleFiles and every step reads or
+# writes bounded pieces, so memory does not grow with the input; what stays global (cut
+# points, pitch, loudness envelopes) is a few bytes per 10 ms frame.
 #   1. condition: attenuate an input louder than INPUT_PEAK, then a zero-phase 48 Hz
 #      high-pass; float64 from here on.
 #   2. split_points: inputs longer than X_MAX are cut near every X_CENTER seconds, at the
@@ -2669,8 +2960,8 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #      repeated to the 10 ms frame grid; consonant protection; the synthesizer. Its output
 #      is trimmed by the context; the trimmed outputs tile the input. (The output is up to
 #      two frames, 20 ms, shorter than the input, as in the reference.)
-#   5. mix_rms: the output's loudness envelope is moved towards the input's
-#      (rms_mix_rate); optional resampling; int16 (to_int16).
+#   5. loudness_gain: the output's loudness envelope is moved towards the input's
+#      (rms_mix_rate); optional resampling; int16 (to_int16, with the whole output's peak).
 
 # Segmentation: the WebUI's fp32 values (its fp16 GPU values are longer), used on every
 # device so that the result does not depend on the device. They only matter over X_MAX.
@@ -2688,7 +2979,7 @@ PROTECT_OFF = 0.5  # protect >= 0.5 disables consonant protection
 FEATURE_REPEAT = HUBERT_HOP // HOP  # each 20 ms content feature serves two 10 ms frames
 RMS_BLOCKS_PER_PIECE = 64  # loudness blocks summed per pass (bounds frame_rms's temporaries)
 RMS_FLOOR = 1e-6  # the output envelope is floored here before it divides
-MIX_PIECE = 1 << 20  # output samples re-levelled per pass by mix_rms
+MIX_PIECE = 1 << 18  # output samples re-levelled per pass (6.5 s at 40 kHz)
 
 
 @dataclass
@@ -2701,42 +2992,80 @@ class Timings:
     synthesis: float = 0.0
 
 
-def highpass(audio: np.ndarray) -> np.ndarray:
-    """Zero-phase 48 Hz high-pass (removes DC and rumble), as the reference's
-    filtfilt(butter(5, 48 Hz)); float64 out."""
-    from scipy.signal import butter, filtfilt
+def highpass_coefficients() -> tuple[np.ndarray, np.ndarray]:
+    """The reference's high-pass: a 5th-order Butterworth at 48 Hz (removes DC and rumble)."""
+    from scipy.signal import butter
 
-    numerator, denominator = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
-    edge = 3 * max(len(numerator), len(denominator))  # scipy's default edge padding, which needs a longer input
-    return filtfilt(numerator, denominator, audio, padlen=min(edge, len(audio) - 1))
+    return butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
 
 
-def condition(audio: np.ndarray) -> np.ndarray:
-    """Attenuate an input louder than INPUT_PEAK to that peak, then high-pass it.
+def condition(audio: Signal, peak: float | None = None, directory: Path | None = None,
+              block: int = BLOCK) -> SampleFile:
+    """Attenuate an input louder than INPUT_PEAK to that peak (`peak`: max |sample|, found
+    here when not given), then high-pass it with zero phase, as the reference's
+    filtfilt(butter(5, 48 Hz)) with scipy's default odd extension at both ends.
 
-    Returns float64, as the reference works in float64 from here on."""
-    audio = np.asarray(audio, dtype=np.float32)
-    peak = float(np.abs(audio).max()) / INPUT_PEAK if audio.size else 0.0
-    if peak > 1:
-        audio = audio / peak
-    return highpass(audio)
+    Computed a block at a time into a float64 SampleFile (the reference works in float64
+    from here on): the forward pass runs from the start, the backward pass from the end,
+    each carrying the filter state from block to block: the same recursion in the same
+    order as the one-piece filtfilt, hence the same samples.
+    """
+    from scipy.signal import lfilter, lfilter_zi
+
+    n = len(audio)
+    if peak is None:
+        peak = max((float(np.abs(audio[i:i + block]).max()) for i in range(0, n, block)), default=0.0)
+    gain = peak / INPUT_PEAK
+
+    def read(start: int, stop: int) -> np.ndarray:  # float32, as the reference's input
+        x = np.asarray(audio[start:stop], dtype=np.float32)
+        return x / gain if gain > 1 else x
+
+    b, a = highpass_coefficients()
+    edge = min(3 * max(len(a), len(b)), n - 1)  # filtfilt's padlen, which needs a longer input
+    zi = lfilter_zi(b, a)
+    first, last = read(0, 1), read(n - 1, n)
+    head = 2 * first - read(1, edge + 1)[::-1]  # odd extensions, computed in float32 as filtfilt
+    tail = 2 * last - read(n - edge - 1, n - 1)[::-1]
+    out = SampleFile(np.float64, directory)
+    try:
+        state = zi * first
+        if edge:
+            _, state = lfilter(b, a, head, zi=zi * head[:1])
+        for start in range(0, n, block):
+            y, state = lfilter(b, a, read(start, min(start + block, n)), zi=state)
+            out.append(y)
+        if edge:
+            y_tail, _ = lfilter(b, a, tail, zi=state)
+            _, state = lfilter(b, a, y_tail[::-1], zi=zi * y_tail[-1:])
+        else:
+            state = zi * out[n - 1:n]
+        for stop in range(n, 0, -block):
+            start = max(0, stop - block)
+            y, state = lfilter(b, a, out[start:stop][::-1], zi=state)
+            out.write_at(start, y[::-1])
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
-def split_points(audio: np.ndarray) -> list[int]:
+def split_points(audio: Signal) -> list[int]:
     """Cut points of long inputs, each at the quietest 10 ms within T_QUERY of a nominal
     cut every T_CENTER samples. Empty when the input fits in one piece (up to T_MAX)."""
     half = HOP // 2
-    audio_pad = np.pad(audio, (half, half), mode="reflect")
-    if len(audio_pad) <= T_MAX:
+    if len(audio) + 2 * half <= T_MAX:
         return []
+    audio_pad = ReflectPadded(audio, half)
     cuts = []
     for t in range(T_CENTER, len(audio), T_CENTER):
         lo, hi = t - T_QUERY, min(t + T_QUERY, len(audio))
         # The 10 ms moving sum of |x| around each sample, summed in the reference's order
         # (so ties break identically), but only over the window searched.
+        window = np.abs(audio_pad[lo: hi + HOP - 1])
         energy = np.zeros(hi - lo)
         for i in range(HOP):
-            energy += np.abs(audio_pad[lo + i: hi + i])
+            energy += window[i: i + hi - lo]
         cuts.append(lo + int(np.argmin(energy)))
     return cuts
 
@@ -2783,29 +3112,32 @@ def resize_linear(values: np.ndarray, size: int, start: int = 0, stop: int | Non
     return values[left] * (1 - weight) + values[right] * weight
 
 
-def mix_rms(source: np.ndarray, output: np.ndarray, output_sr: int, rate: float) -> np.ndarray:
-    """Move the output's loudness envelope towards the input's (rate 0: the input's,
-    1: unchanged). Envelopes are 1 s RMS frames every 0.5 s, linearly interpolated to the
-    output's samples. Works in place on `output`, a piece at a time: an hour of 48 kHz
-    audio needs no full-length envelopes."""
-    rms_in = frame_rms(source, hop=SAMPLE_RATE // 2)
-    rms_out = frame_rms(output, hop=output_sr // 2)
-    size = len(output)
-    for start in range(0, size, MIX_PIECE):
-        stop = min(start + MIX_PIECE, size)
-        envelope_in = resize_linear(rms_in, size, start, stop).astype(np.float32)
-        envelope_out = np.maximum(resize_linear(rms_out, size, start, stop).astype(np.float32), RMS_FLOOR)
-        output[start:stop] *= envelope_in ** np.float32(1 - rate) * envelope_out ** np.float32(rate - 1)
-    return output
+def loudness_gain(rms_in: np.ndarray, rms_out: np.ndarray, size: int, start: int, stop: int,
+                  rate: float) -> np.ndarray:
+    """The factor moving samples [start, stop) of an output of `size` samples towards the
+    input's loudness (rate 0: the input's, 1: unchanged). The envelopes are 1 s RMS frames
+    every 0.5 s (frame_rms), linearly interpolated to the output's samples a piece at a
+    time: an hour of 48 kHz audio needs no full-length envelope."""
+    envelope_in = resize_linear(rms_in, size, start, stop).astype(np.float32)
+    envelope_out = np.maximum(resize_linear(rms_out, size, start, stop).astype(np.float32), RMS_FLOOR)
+    return envelope_in ** np.float32(1 - rate) * envelope_out ** np.float32(rate - 1)
 
 
 class Converter:
-    """Loaded networks on one device, converting 16 kHz audio to the model's voice."""
+    """Loaded networks on one device, converting 16 kHz audio to the model's voice.
 
-    def __init__(self, voice: "VoiceModel", hubert: "HubertEncoder", rmvpe: "RMVPE | None" = None,
-                 index: FeatureIndex | None = None, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32):
+    One conversion (the command line) can hold less at once: given a loader instead of a
+    HuBERT, the converter loads it after the pitch, and with `release_rmvpe` it drops
+    RMVPE before that; the networks then share their memory instead of adding it up
+    (RMVPE 362 MB, HuBERT 379 MB in fp32). A service keeps both loaded.
+    """
+
+    def __init__(self, voice: "VoiceModel", hubert: "HubertEncoder | Callable[[], HubertEncoder]",
+                 rmvpe: "RMVPE | None" = None, index: FeatureIndex | None = None,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 release_rmvpe: bool = False):
         self.voice, self.index, self.device, self.dtype = voice, index, device, dtype
+        self.release_rmvpe = release_rmvpe
         if dtype == torch.bfloat16 and device.type == "cpu":
             # Mixed precision: only the decoder's residual blocks in bf16. HuBERT and RMVPE in
             # bf16 cost the output 10-30 dB of SNR against fp32 (the pitch's voicing flips)
@@ -2815,65 +3147,119 @@ class Converter:
         else:
             self.net = voice.net.to(device, dtype)
             network_dtype = dtype
-        self.hubert = hubert.to(device, network_dtype)
+        self.network_dtype = network_dtype
+        self._hubert = hubert.to(device, network_dtype) if isinstance(hubert, nn.Module) else hubert
         self.rmvpe = rmvpe.to(device, network_dtype) if rmvpe is not None else None
+
+    def hubert(self, timings: Timings | None = None) -> "HubertEncoder":
+        """The content encoder, loaded now if it was given as a loader (counted as load time)."""
+        if not isinstance(self._hubert, nn.Module):
+            start = time.perf_counter()
+            self._hubert = self._hubert().to(self.device, self.network_dtype)
+            if timings is not None:
+                timings.load += time.perf_counter() - start
+        return self._hubert
 
     @property
     def output_rate(self) -> int:
         return self.voice.sample_rate
 
-    def convert(self, audio: np.ndarray, params: ConversionParams, timings: Timings | None = None,
+    def output_rate_for(self, params: ConversionParams) -> int:
+        """The rate of what convert() and stream() give for these parameters."""
+        return params.resample_sr or self.output_rate
+
+    def convert(self, audio: Signal, params: ConversionParams, timings: Timings | None = None,
                 progress: Progress | None = None,
                 trace: list[dict] | None = None) -> tuple[np.ndarray, int]:
-        """16 kHz float audio in, (int16 samples, sample rate) out: steps 1-5 above.
+        """16 kHz float audio in, (int16 samples, sample rate) out: stream() in one array.
 
         trace: when given, gets one dict per segment with the intermediate stages
         (features before/after retrieval, pitch, network output), for stage-by-stage tests.
         """
+        blocks = list(self.stream(audio, params, timings, progress, trace))
+        return (np.concatenate(blocks) if blocks else np.zeros(0, np.int16)), self.output_rate_for(params)
+
+    def stream(self, audio: Signal, params: ConversionParams, timings: Timings | None = None,
+               progress: Progress | None = None, trace: list[dict] | None = None, *,
+               peak: float | None = None, directory: Path | None = None,
+               block: int = BLOCK) -> Iterator[np.ndarray]:
+        """16 kHz float audio in, blocks of int16 samples at output_rate_for(params) out:
+        steps 1-5 above, disk to disk (scratch files in `directory`), `block` samples per pass.
+
+        peak: max |sample| of `audio`, when the caller knows it (else a pass finds it).
+        """
         timings = timings or Timings()
-        audio = condition(audio)
-        cuts = split_points(audio)
-        audio_pad = np.pad(audio, (T_PAD, T_PAD), mode="reflect")
-        p_len = len(audio_pad) // HOP
-        pitch = pitchf = None
-        if self.voice.has_f0:
-            start = time.perf_counter()
-            coarse, f0 = estimate_f0(audio_pad, p_len, params.f0_method, f0_up_key=params.f0_up_key,
-                                     filter_radius=params.filter_radius, rmvpe=self.rmvpe,
-                                     device=self.device, interp_unvoiced=params.interp_unvoiced,
-                                     progress=progress)
-            pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
-            pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
-            timings.f0 += time.perf_counter() - start
-        rng = self._rng(params.seed)
-        sid = torch.tensor([params.speaker_id], device=self.device)
-        trim = self.output_rate * X_PAD
-        parts = []
-        bounds = segments(len(audio_pad), cuts)
-        if progress is not None:
-            progress("segment", 0, len(bounds))
-        for k, (sample_start, sample_end, frame_start, frame_end) in enumerate(bounds):
-            seg_pitch = None if pitch is None else pitch[:, frame_start:frame_end]
-            seg_pitchf = None if pitchf is None else pitchf[:, frame_start:frame_end]
-            seg_trace = None if trace is None else {}
-            if seg_trace is not None:
-                trace.append(seg_trace)
-            out = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf, sid, params,
-                                        rng, timings, seg_trace)
-            parts.append(out[trim: len(out) - trim])
+        with contextlib.ExitStack() as scratch:
+            conditioned = scratch.enter_context(condition(audio, peak, directory, block))
+            cuts = split_points(conditioned)
+            audio_pad = ReflectPadded(conditioned, T_PAD)
+            p_len = len(audio_pad) // HOP
+            pitch = pitchf = None
+            if self.voice.has_f0:
+                start = time.perf_counter()
+                coarse, f0 = estimate_f0(audio_pad, p_len, params.f0_method, f0_up_key=params.f0_up_key,
+                                         filter_radius=params.filter_radius, rmvpe=self.rmvpe,
+                                         device=self.device, interp_unvoiced=params.interp_unvoiced,
+                                         progress=progress)
+                pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
+                pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
+                timings.f0 += time.perf_counter() - start
+            if self.release_rmvpe:
+                self.rmvpe = None
+            self.hubert(timings)
+            rng = self._rng(params.seed)
+            sid = torch.tensor([params.speaker_id], device=self.device)
+            trim = self.output_rate * X_PAD
+            raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
+            bounds = segments(len(audio_pad), cuts)
             if progress is not None:
-                progress("segment", k + 1, len(bounds))
-        del audio_pad, pitch, pitchf  # long inputs: free what post-processing does not need
-        result = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        parts.clear()
-        if not np.isfinite(result).all():
-            raise InferenceError("the network produced non-finite audio")
-        if params.rms_mix_rate != 1 and result.size:
-            result = mix_rms(audio, result, self.output_rate, params.rms_mix_rate)
-        rate = self.output_rate
-        if params.resample_sr and params.resample_sr != rate:
-            result, rate = resample(result, rate, params.resample_sr), params.resample_sr
-        return to_int16(result), rate
+                progress("segment", 0, len(bounds))
+            for k, (sample_start, sample_end, frame_start, frame_end) in enumerate(bounds):
+                seg_pitch = None if pitch is None else pitch[:, frame_start:frame_end]
+                seg_pitchf = None if pitchf is None else pitchf[:, frame_start:frame_end]
+                seg_trace = None if trace is None else {}
+                if seg_trace is not None:
+                    trace.append(seg_trace)
+                out = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf, sid,
+                                            params, rng, timings, seg_trace)
+                out = out[trim: len(out) - trim]
+                if not np.isfinite(out).all():
+                    raise InferenceError("the network produced non-finite audio")
+                raw.append(out)
+                if progress is not None:
+                    progress("segment", k + 1, len(bounds))
+            del pitch, pitchf
+            yield from self._postprocess(conditioned, raw, params, directory, block)
+
+    def _postprocess(self, conditioned: Signal, raw: SampleFile, params: ConversionParams,
+                     directory: Path | None, block: int) -> Iterator[np.ndarray]:
+        """Step 5, a piece at a time: loudness mixing and resampling into a SampleFile
+        (the int16 scale needs the final peak), then int16 blocks."""
+        rate, size = self.output_rate, len(raw)
+        mix = params.rms_mix_rate != 1 and size > 0
+        if mix:
+            rms_in = frame_rms(conditioned, hop=SAMPLE_RATE // 2)
+            rms_out = frame_rms(raw, hop=rate // 2)
+        resampler = Resampler(rate, params.resample_sr) if params.resample_sr and params.resample_sr != rate else None
+        with contextlib.ExitStack() as scratch:
+            final = raw if not (mix or resampler) else scratch.enter_context(SampleFile(np.float32, directory))
+            peak = 0.0
+            for start in range(0, size, MIX_PIECE):
+                stop = min(start + MIX_PIECE, size)
+                piece = raw[start:stop]
+                if mix:
+                    piece *= loudness_gain(rms_in, rms_out, size, start, stop, params.rms_mix_rate)
+                if resampler:
+                    piece = resampler(piece)
+                if final is not raw:
+                    final.append(piece)
+                peak = max(peak, float(np.abs(piece).max(initial=0.0)))
+            if resampler:
+                tail = resampler.finish(size)
+                final.append(tail)
+                peak = max(peak, float(np.abs(tail).max(initial=0.0)))
+            for start in range(0, len(final), block):
+                yield to_int16(final[start:start + block], peak)
 
     def _rng(self, seed: int | None) -> torch.Generator:
         """The synthesizer's random numbers: seeded, or from fresh entropy."""
@@ -2891,7 +3277,7 @@ class Converter:
         """One padded segment to audio at the model's rate (float32, untrimmed)."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
-        feats = self.hubert.extract(wave, self.voice.version)  # (1, T, D)
+        feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
         protect = self.voice.has_f0 and params.protect < PROTECT_OFF
         raw = feats
         if trace is not None:
@@ -3047,11 +3433,12 @@ class RunState:
 
     warnings: every warning of the run (also reported by --json). committing: set once the
     output is being renamed into place, when it is too late to stop. interrupted_by: the
-    signal that ended the run.
+    signal that ended the run. owned: what the run opened (scratch audio), closed at its end.
     """
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
+        self.owned = contextlib.ExitStack()
         self.warnings: list[str] = []
         self.committing = False
         self.interrupted_by: str | None = None
@@ -3169,7 +3556,8 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     configure_onednn_cache(dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    audio = read_input_audio(Path(args.input), run.warn)
+    audio = read_input_audio(Path(args.input), run.warn, directory=output.parent)
+    run.state.owned.enter_context(audio.samples)
 
     timings = Timings()
     start = time.perf_counter()
@@ -3181,7 +3569,12 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     if index_path is None and args.index_rate is not None:
         run.warn("--index_rate has no effect without --index_name")
     index = load_index(index_path, voice.phone_dim) if index_path else None
-    hubert = load_hubert(paths.hubert)
+    if args.check:
+        hubert: HubertEncoder | Callable[[], HubertEncoder] = load_hubert(paths.hubert)
+    else:  # a conversion loads HuBERT after the pitch, in the memory RMVPE leaves (Converter)
+        if not paths.hubert.exists():
+            load_hubert(paths.hubert)  # its not-found error, before any work
+        hubert = lambda: load_hubert(paths.hubert)  # noqa: E731
     rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
     timings.load = time.perf_counter() - start
     run.detail(f"loaded models in {timings.load:.2f} s")
@@ -3192,7 +3585,7 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype)
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype, release_rmvpe=True)
     run.report.update(
         output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
@@ -3214,14 +3607,17 @@ def convert(run: Run) -> int:
     def progress(stage: str, done: int, total: int) -> None:
         print(f"\rconverting: {stage} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
+    output = Path(run.args.output)
+    rate = converter.output_rate_for(params)
+    blocks = converter.stream(audio.samples, params, timings, progress if long_input else None,
+                              peak=audio.peak, directory=output.parent)
     try:
-        samples, rate = converter.convert(audio.samples, params, timings, progress if long_input else None)
+        frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
-    write_audio_atomic(Path(run.args.output), samples, rate, before_commit=run.state.begin_commit)
     total = time.perf_counter() - run.state.started
-    run.report.update(sample_rate=rate, output_duration=round(len(samples) / rate, 6))
-    run.say(f"wrote {run.args.output}: {len(samples) / rate:.2f} s at {rate} Hz in {total:.1f} s "
+    run.report.update(sample_rate=rate, output_duration=round(frames / rate, 6))
+    run.say(f"wrote {run.args.output}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
             f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
     return EXIT_OK
 
@@ -3288,7 +3684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Run | None = None
     error: RVCError | None = None
     failure: BaseException | None = None
-    with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals():
+    with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals(), state.owned:
         try:
             args = build_parser().parse_args(argv)
             run = Run(args, Paths.resolve(args), state)

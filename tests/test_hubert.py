@@ -108,6 +108,24 @@ def test_frame_count_is_floor_of_n_minus_400_over_320_plus_1(tiny_fairseq):
         model.extract(torch.zeros(1, 399), "v2")
 
 
+def test_long_segments_run_the_feature_extractor_in_pieces_with_the_whole_segments_norm(tiny_fairseq, monkeypatch):
+    model = rvc.load_hubert(tiny_fairseq)
+    wave = torch.from_numpy(np.random.default_rng(0).standard_normal(16000 * 3 + 77) * 0.1).float()[None]
+    pieces = []
+    conv0 = model.feature_extractor.conv_layers[0]
+    forward = conv0.forward
+    monkeypatch.setattr(conv0, "forward", lambda x, stats=None: pieces.append(x.shape[-1]) or forward(x, stats))
+    monkeypatch.setattr(rvc, "HUBERT_CHUNK_FRAMES", 10**9)
+    whole = model.extract(wave, "v2")
+    assert len(pieces) == 1
+    pieces.clear()
+    monkeypatch.setattr(rvc, "HUBERT_CHUNK_FRAMES", 32)
+    chunked = model.extract(wave, "v2")
+    assert len(pieces) == -(-whole.shape[1] // 32)  # 150 frames: 5 pieces of at most 32
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_v1_reads_layer_9_through_final_proj_and_v2_the_last_layer(tiny_fairseq):
     model = rvc.load_hubert(tiny_fairseq)  # 10 layers, 64 wide
     x = wave(0.5)

@@ -1,4 +1,5 @@
-"""Memory: large blocks are reused rather than mapped fresh from the kernel each time."""
+"""Memory: large blocks are reused rather than mapped fresh from the kernel each time, and a
+conversion need not hold every network at once."""
 from __future__ import annotations
 
 import subprocess
@@ -41,3 +42,30 @@ def faults_of_reused_blocks(mode: str) -> int:
 def test_freed_large_blocks_are_reused_without_page_faults():
     assert faults_of_reused_blocks("keep") < 1000
     assert faults_of_reused_blocks("default") > 50000  # what glibc does by default: the check can fail
+
+
+def test_a_conversion_can_load_hubert_after_the_pitch_in_the_memory_rmvpe_leaves(tmp_path):
+    import numpy as np
+
+    import rvc_modulator as rvc
+    from conftest import speech_like
+    from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
+
+    voice = rvc.load_voice_model(make_voice_model_file(tmp_path / "v.pth", version="v1", seed=1))
+    hubert_file = make_hubert_fairseq(tmp_path / "h.pt", hidden=64, layers=10, heads=4, ffn=128, conv_dim=32)
+    rmvpe = rvc.load_rmvpe(make_rmvpe_file(tmp_path / "r.pt"))
+    params = rvc.ConversionParams(f0_method="rmvpe", noise=False)
+    audio = speech_like(2.0)
+    eager, _ = rvc.Converter(voice, rvc.load_hubert(hubert_file), rmvpe).convert(audio, params)
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return rvc.load_hubert(hubert_file)
+
+    staged = rvc.Converter(voice, loader, rmvpe, release_rmvpe=True)
+    assert loads == []  # nothing loaded before the conversion needs it
+    timings = rvc.Timings()
+    samples, _ = staged.convert(audio, params, timings)
+    assert np.array_equal(samples, eager)
+    assert loads == [1] and staged.rmvpe is None and timings.load > 0

@@ -94,6 +94,22 @@ def test_relative_position_skews_follow_the_window_rule(window, frames):
                 expected_rel[..., i, j - i + window] = absolute[..., i, j]
     assert torch.equal(rvc.relative_to_absolute(rel, window), expected_abs)
     assert torch.equal(rvc.absolute_to_relative(absolute, window), expected_rel)
+    for start in range(frames):  # any block of query rows gives those rows of the whole
+        for stop in range(start + 1, frames + 1):
+            rows = slice(start, stop)
+            assert torch.equal(rvc.relative_to_absolute(rel[:, :, rows], window, frames, start), expected_abs[:, :, rows])
+            assert torch.equal(rvc.absolute_to_relative(absolute[:, :, rows], window, start), expected_rel[:, :, rows])
+
+
+def test_attention_over_query_blocks_equals_attention_in_one_block(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    attention = rvc.SynthAttention(channels=8, n_heads=2, window=3)
+    for p in attention.parameters():
+        p.data = torch.randn(p.shape, generator=gen)
+    x = torch.randn(1, 8, 37, generator=gen)
+    whole = attention(x)
+    monkeypatch.setattr(rvc, "ATTENTION_QUERY_ROWS", 5)
+    torch.testing.assert_close(attention(x), whole, rtol=1e-5, atol=1e-6)
 
 
 # --- the decoder's fast paths compute what the plain layers compute ------------------
