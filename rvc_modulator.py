@@ -53,6 +53,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -204,7 +205,9 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "speaker_id": (int, 0, 2**31 - 1),
     "seed": (int, 0, 2**63 - 1),
     "threads": (int, 1, 1024),
+    "cache_models": (int, 1, 1024),
 }
+DEFAULT_CACHE_MODELS = 4  # --serve: voice models (and as many indexes) kept loaded
 
 
 class _Parser(argparse.ArgumentParser):
@@ -282,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("info", metavar="MODEL", help="describe one voice model")
     option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
     option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
+    option("serve", action="store_true",
+           help="run as a worker: one JSON request per line on stdin, one JSON response per line on stdout "
+                "(see the README); the options above it takes apply to every request")
+    option("cache_models", type=_ranged("cache_models"), default=DEFAULT_CACHE_MODELS, metavar="N",
+           help="--serve: voice models and indexes kept loaded (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
     return parser
 
@@ -388,7 +396,7 @@ class SampleFile:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "SampleFile":
+    def __enter__(self) -> SampleFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -2362,21 +2370,28 @@ class SynthDecoder(nn.Module):
         self.cond = nn.Conv1d(cfg.gin_channels, channels[0], 1)
 
     def forward(self, z: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
-        # z (B, inter, T), g (B, gin, 1), f0 (B, T) Hz for NSF, noise (B, T*hop, 1) or None
+                noise: torch.Tensor | None = None, keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """z (B, inter, T), g (B, gin, 1), f0 (B, T) Hz for NSF, noise (B, T*hop, 1) or None
+        -> (B, 1, T*hop) audio; with keep = (first, last), only frames first..last-1's audio.
+
+        Chunks of DECODER_CHUNK_FRAMES with DECODER_CONTEXT_FRAMES of context on both sides
+        give the one-piece samples (bit-identical from 8 frames of context, measured), so
+        frames nobody keeps (the segment's padding, trimmed after) need not be decoded.
+        """
         # The excitation's phase is a running sum over the whole signal: made in one piece.
         source = self.m_source(f0, self.hop, noise) if self.m_source is not None else None  # (B, 1, T*hop)
         x = self.conv_pre(z) + self.cond(g)  # (B, C0, T)
         n_frames, hop = x.shape[-1], self.hop
-        if n_frames <= DECODER_CHUNK_FRAMES + 2 * DECODER_CONTEXT_FRAMES:
+        first, last = (0, n_frames) if keep is None else keep
+        if keep is None and n_frames <= DECODER_CHUNK_FRAMES + 2 * DECODER_CONTEXT_FRAMES:
             return self._upsample(x, source)
-        out = x.new_empty(x.shape[0], 1, n_frames * hop)
-        for start in range(0, n_frames, DECODER_CHUNK_FRAMES):
-            stop = min(start + DECODER_CHUNK_FRAMES, n_frames)
+        out = x.new_empty(x.shape[0], 1, max(0, last - first) * hop)
+        for start in range(first, last, DECODER_CHUNK_FRAMES):
+            stop = min(start + DECODER_CHUNK_FRAMES, last)
             lo, hi = max(0, start - DECODER_CONTEXT_FRAMES), min(n_frames, stop + DECODER_CONTEXT_FRAMES)
             chunk = self._upsample(x[:, :, lo:hi], None if source is None else source[:, :, lo * hop: hi * hop])
-            out[:, :, start * hop: stop * hop] = chunk[:, :, (start - lo) * hop: (stop - lo) * hop]
-        return out  # (B, 1, T*hop)
+            out[:, :, (start - first) * hop: (stop - first) * hop] = chunk[:, :, (start - lo) * hop: (stop - lo) * hop]
+        return out
 
     def _upsample(self, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
         """The stages and conv_post on frames x (B, C0, T) and their excitation (B, 1, T*hop)."""
@@ -2458,12 +2473,14 @@ class Synthesizer(nn.Module):
 
     @torch.no_grad()  # (not inference_mode: callers may still modify the returned tensors in place)
     def infer_stages(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-                     sid: torch.Tensor, *, noise: bool = True,
-                     rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     sid: torch.Tensor, *, noise: bool = True, rng: torch.Generator | None = None,
+                     keep: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """infer(), also returning the intermediate stages m_p, logs_p and z (the decoder input).
 
         noise=False drops the two random terms (prior noise, excitation noise): deterministic.
-        With noise, every random number comes from `rng` when one is given.
+        With noise, every random number comes from `rng` when one is given. keep: only the
+        audio of frames keep[0]..keep[1]-1 is decoded and returned (the random numbers drawn
+        are the same).
         """
         self._check_inputs(phone, pitch, nsff0, sid)
         weight = self.emb_g.weight
@@ -2479,15 +2496,17 @@ class Synthesizer(nn.Module):
             excitation_noise = None
             if noise:
                 excitation_noise = standard_normal((1, f0.shape[1] * self.hop, 1), f0, rng)
-            out = self.dec(z, g, f0, excitation_noise)
+            out = self.dec(z, g, f0, excitation_noise, keep=keep)
         else:
-            out = self.dec(z, g)
+            out = self.dec(z, g, keep=keep)
         return {"m_p": m_p, "logs_p": logs_p, "z": z, "out": out[:, 0].float()}  # out (1, T*hop)
 
     def infer(self, phone: torch.Tensor, pitch: torch.Tensor | None, nsff0: torch.Tensor | None,
-              sid: torch.Tensor, *, noise: bool = True, rng: torch.Generator | None = None) -> torch.Tensor:
-        """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)."""
-        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, rng=rng)["out"]
+              sid: torch.Tensor, *, noise: bool = True, rng: torch.Generator | None = None,
+              keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """Content features (1, T, D), coarse pitch (1, T), F0 in Hz (1, T), speaker (1,) -> audio (1, T*hop)
+        (with keep = (first, last): the audio of those frames only)."""
+        return self.infer_stages(phone, pitch, nsff0, sid, noise=noise, rng=rng, keep=keep)["out"]
 
 
 # -----------------------------------------------------------------------------
@@ -3209,7 +3228,6 @@ class Converter:
             self.hubert(timings)
             rng = self._rng(params.seed)
             sid = torch.tensor([params.speaker_id], device=self.device)
-            trim = self.output_rate * X_PAD
             raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
             bounds = segments(len(audio_pad), cuts)
             if progress is not None:
@@ -3222,7 +3240,6 @@ class Converter:
                     trace.append(seg_trace)
                 out = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf, sid,
                                             params, rng, timings, seg_trace)
-                out = out[trim: len(out) - trim]
                 if not np.isfinite(out).all():
                     raise InferenceError("the network produced non-finite audio")
                 raw.append(out)
@@ -3274,7 +3291,8 @@ class Converter:
     def _convert_segment(self, segment: np.ndarray, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
                          sid: torch.Tensor, params: ConversionParams, rng: torch.Generator,
                          timings: Timings, trace: dict | None) -> np.ndarray:
-        """One padded segment to audio at the model's rate (float32, untrimmed)."""
+        """One padded segment to audio at the model's rate (float32), trimmed by the padding
+        (X_PAD on both sides), which is not decoded at all (the trace gets it all)."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
         feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
@@ -3298,8 +3316,10 @@ class Converter:
                 feats = self._protect(feats, raw, pitchf, params.protect)
         timings.features += time.perf_counter() - start
         start = time.perf_counter()
+        trim = X_PAD * FRAMES_PER_SECOND
+        keep = None if trace is not None else (trim, max(trim, p_len - trim))
         try:
-            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, rng=rng)
+            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, rng=rng, keep=keep)
         except torch.OutOfMemoryError as exc:
             raise InferenceError(f"out of memory on {self.device}; try --device cpu", "--device") from exc
         audio = audio[0].float().cpu().numpy()
@@ -3308,6 +3328,7 @@ class Converter:
             trace.update(pitch=None if pitch is None else pitch[0].cpu().numpy(),
                          pitchf=None if pitchf is None else pitchf[0].cpu().numpy(),
                          phone_lengths=p_len, net_out=audio)
+            audio = audio[trim * self.voice.hop: len(audio) - trim * self.voice.hop]
         return audio
 
     @staticmethod
@@ -3379,6 +3400,11 @@ class Paths:
         if not path.is_file():
             raise NotFoundError("index file not found", path)
         return path
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """--precision's name of a dtype: "fp32", "fp16" or "bf16"."""
+    return next(name for name, torch_name in PRECISIONS.items() if getattr(torch, torch_name) == dtype)
 
 
 def resolve_device(spec: str, precision: str) -> tuple[torch.device, torch.dtype]:
@@ -3453,8 +3479,8 @@ class RunState:
     def on_signal(self, signum: int, frame: Any) -> None:
         """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
         swallows), so every cleanup on the way out runs and no partial output remains."""
+        self.interrupted_by = signal.Signals(signum).name  # a worker stops after this request
         if not self.committing:
-            self.interrupted_by = signal.Signals(signum).name
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -3469,17 +3495,64 @@ class RunState:
                 signal.signal(s, handler)
 
 
+def file_stamp(path: Path) -> tuple | None:
+    """What tells that a model file changed on disk: its size and modification time (for
+    a folder, those of every file in it); None when it cannot be read."""
+    try:
+        if path.is_dir():
+            return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return None
+
+
+class ModelCache:
+    """What a worker keeps loaded between requests: the last `size` voice models and as
+    many indexes, and one HuBERT and one RMVPE (their paths are the worker's). An entry is
+    reloaded when its file changed (file_stamp). The warnings a model gave when it loaded
+    are given again on every use, as a fresh load would give them."""
+
+    KEEP_ONE = ("hubert", "rmvpe")
+
+    def __init__(self, size: int = DEFAULT_CACHE_MODELS):
+        self.size = size
+        self._tables: dict[str, dict[Any, tuple[tuple | None, Any, list[str]]]] = {}
+
+    def get(self, kind: str, key: Any, path: Path, load: Callable[[Warn], Any], warn: Warn) -> Any:
+        table = self._tables.setdefault(kind, {})
+        stamp = file_stamp(path)
+        entry = table.pop(key, None)  # re-inserted last: the dict's order is the LRU order
+        if entry is None or stamp is None or entry[0] != stamp:
+            messages: list[str] = []
+            entry = (stamp, load(messages.append), messages)
+        table[key] = entry
+        while len(table) > (1 if kind in self.KEEP_ONE else self.size):
+            del table[next(iter(table))]
+        for message in entry[2]:
+            warn(message)
+        return entry[1]
+
+
 @dataclass
 class Run:
-    """One conversion job: parsed options, resolved paths, its state, and what --json reports."""
+    """One conversion job: parsed options, resolved paths, its state, and what --json
+    reports; `models`: a worker's ModelCache (None: load everything afresh)."""
 
     args: argparse.Namespace
     paths: Paths
     state: RunState = field(default_factory=RunState)
     report: dict = field(default_factory=dict)
+    models: ModelCache | None = None
 
     def warn(self, message: str) -> None:
         self.state.warn(message)
+
+    def load(self, kind: str, path: Path, load: Callable[[Warn], Any], key: Any = None) -> Any:
+        """load(warn) of the file at `path`, or its cached result in a worker."""
+        if self.models is None:
+            return load(self.warn)
+        return self.models.get(kind, path if key is None else key, path, load, self.warn)
 
     def say(self, message: str) -> None:
         """Information for a person at a terminal: stderr, silenced by --quiet."""
@@ -3514,7 +3587,7 @@ def list_models(run: Run) -> int:
     models = []
     for path in sorted(folder.glob("*.pth")):
         try:
-            entry = _model_summary(load_voice_model(path, run.warn), path.stem)
+            entry = _model_summary(run.load("voice", path, partial(load_voice_model, path)), path.stem)
         except RVCError as exc:
             entry = {"name": path.stem, "error": str(exc)}
         entry["indexes"] = matching_indexes(path.stem, indexes)
@@ -3533,7 +3606,7 @@ def list_models(run: Run) -> int:
 def model_info(run: Run) -> int:
     path = run.paths.voice_model(run.args.info, "--info")
     folder = path.parent
-    entry = _model_summary(load_voice_model(path, run.warn), path.stem)
+    entry = _model_summary(run.load("voice", path, partial(load_voice_model, path)), path.stem)
     entry["indexes"] = matching_indexes(path.stem, [p.stem for p in folder.glob("*.index")])
     entry["path"] = str(path)
     run.report["model"] = entry
@@ -3561,21 +3634,25 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
 
     timings = Timings()
     start = time.perf_counter()
-    voice = load_voice_model(model_path, run.warn)
+    voice = run.load("voice", model_path, partial(load_voice_model, model_path))
     if args.speaker_id >= voice.n_speakers:
         raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
                          "--speaker_id")
     method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
     if index_path is None and args.index_rate is not None:
         run.warn("--index_rate has no effect without --index_name")
-    index = load_index(index_path, voice.phone_dim) if index_path else None
-    if args.check:
-        hubert: HubertEncoder | Callable[[], HubertEncoder] = load_hubert(paths.hubert)
-    else:  # a conversion loads HuBERT after the pitch, in the memory RMVPE leaves (Converter)
+    index = None
+    if index_path:
+        index = run.load("index", index_path, lambda _: load_index(index_path, voice.phone_dim),
+                         key=(index_path, voice.phone_dim))
+    staged = run.models is None and not args.check
+    if staged:  # one conversion loads HuBERT after the pitch, in the memory RMVPE leaves (Converter)
         if not paths.hubert.exists():
             load_hubert(paths.hubert)  # its not-found error, before any work
-        hubert = lambda: load_hubert(paths.hubert)  # noqa: E731
-    rmvpe = load_rmvpe(paths.rmvpe) if method == "rmvpe" else None
+        hubert: HubertEncoder | Callable[[], HubertEncoder] = partial(load_hubert, paths.hubert)
+    else:
+        hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
+    rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe)) if method == "rmvpe" else None
     timings.load = time.perf_counter() - start
     run.detail(f"loaded models in {timings.load:.2f} s")
 
@@ -3585,11 +3662,11 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype, release_rmvpe=True)
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype, release_rmvpe=staged)
     run.report.update(
         output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
-        f0_method=method, device=str(device), threads=torch.get_num_threads(), precision=next(k for k, v in PRECISIONS.items() if getattr(torch, v) == dtype),
+        f0_method=method, device=str(device), threads=torch.get_num_threads(), precision=precision_name(dtype),
         input_duration=round(audio.duration, 6), input_sample_rate=audio.source_rate,
         input_channels=audio.source_channels, timings=timings)
     return converter, audio, params
@@ -3622,11 +3699,8 @@ def convert(run: Run) -> int:
     return EXIT_OK
 
 
-# =============================================================================
-# 13. Command line
-# =============================================================================
-
-def _emit_json(state: RunState, run: Run | None, code: int, error: RVCError | None) -> None:
+def report_object(state: RunState, run: Run | None, code: int, error: RVCError | None) -> dict[str, Any]:
+    """What --json prints for a run (and a worker answers to a request)."""
     report: dict[str, Any] = {"ok": code == EXIT_OK, "exit_code": code}
     if run is not None:
         report.update(run.report)
@@ -3637,17 +3711,158 @@ def _emit_json(state: RunState, run: Run | None, code: int, error: RVCError | No
     if error is not None:
         report.update(error=error.kind, message=str(error))
     report["warnings"] = list(state.warnings)
-    print(json.dumps(report, default=str), flush=True)
+    return report
 
 
-def run_mode(run: Run) -> int:
-    """The mode the options ask for; its exit code."""
+def print_json(obj: Mapping[str, Any]) -> None:
+    """One JSON object as one line on stdout."""
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def job_mode(run: Run) -> int:
+    """The mode one job asks for (a conversion, a check, a listing, a model's info); its exit code."""
     if run.args.list_models:
         return list_models(run)
     if run.args.info:
         return model_info(run)
     return convert(run)  # also --check
 
+
+def execute(state: RunState, start: Callable[[], Run], mode: Callable[[Run], int],
+            verbose: bool) -> tuple[Run | None, int, RVCError | None]:
+    """start() a run and run `mode` on it. Any failure becomes its exit code and an
+    RVCError, printed as one line on stderr (after its traceback with --verbose)."""
+    run: Run | None = None
+    error: RVCError | None = None
+    failure: BaseException | None = None
+    try:
+        run = start()
+        code = mode(run)
+    except RVCError as exc:
+        error, failure, code = exc, exc, exc.exit_code
+    except KeyboardInterrupt as exc:
+        error, failure = Interrupted(f"interrupted by {state.interrupted_by or 'SIGINT'}"), exc
+        code = error.exit_code
+    except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
+        error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
+        failure, code = exc, EXIT_INTERNAL
+        if not verbose:
+            error.message += " (run with --verbose for the traceback)"
+    if error is not None:
+        if verbose:
+            import traceback
+
+            traceback.print_exception(failure, file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return run, code, error
+
+
+# -----------------------------------------------------------------------------
+# 12b. The service worker: --serve
+# -----------------------------------------------------------------------------
+
+# A long-lived worker for a service (the Go AIService): models load once; requests come one
+# JSON object per line on stdin, and each gets exactly one JSON line on stdout, in order:
+# the object --json prints for the same work, plus the request's "id". Nothing else is
+# written to stdout. A bad request fails alone; the end of stdin ends the worker (exit 0);
+# SIGTERM or SIGINT abandons the running request (answered "interrupted") and exits 130.
+SERVE_PROTOCOL = 1
+SERVE_OPS = ("convert", "check", "list_models", "info")
+SERVE_REQUEST_FIELDS = ("id", "op", "input", "output", "model")  # besides conversion options
+# The worker's own options, given when it starts: a request may not set them.
+SERVE_GLOBAL_OPTIONS = ("models_dir", "hubert", "rmvpe", "device", "precision", "threads", "quiet", "verbose",
+                        "cache_models")
+SERVE_MODE_OPTIONS = ("json", "check", "list_models", "info", "serve")  # "op" says these
+
+
+def parse_request(line: str) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"request is not JSON: {exc}") from exc
+    if not isinstance(request, dict):
+        raise UsageError("a request must be a JSON object")
+    return request
+
+
+def request_args(request: Mapping[str, Any], worker: argparse.Namespace) -> argparse.Namespace:
+    """A request's options, checked exactly as the command line checks them (same parser,
+    same ranges and messages), with the worker's own options."""
+    op = request.get("op", "convert")
+    if op not in SERVE_OPS:
+        raise UsageError(f"unknown op {op!r}; expected one of {', '.join(SERVE_OPS)}")
+    parser = build_parser()
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")}
+    argv: list[str] = []
+    for key, value in request.items():
+        if key in SERVE_REQUEST_FIELDS:
+            continue
+        if key in SERVE_GLOBAL_OPTIONS:
+            raise UsageError(f"{key} belongs to the worker: give it when the worker starts")
+        if key not in options or key in SERVE_MODE_OPTIONS:
+            raise UsageError(f"unknown request field {key!r}")
+        if isinstance(options[key], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"{key} must be true or false")
+            argv += [f"--{key}"] if value else []
+        elif isinstance(value, (dict, list)):
+            raise UsageError(f"{key} must be a string or a number")
+        elif value is not None:
+            argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    args = parser.parse_args(argv)
+    for name in ("input", "output", "model"):
+        value = request.get(name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{name} must be a string")
+        setattr(args, name, value)
+    for name in SERVE_GLOBAL_OPTIONS:
+        setattr(args, name, getattr(worker, name))
+    args.json, args.check, args.list_models = True, op == "check", op == "list_models"
+    if op == "info":
+        args.info, args.model = args.model, None
+        if not args.info:
+            raise UsageError("an info request needs a model")
+    return args
+
+
+def serve(run: Run) -> int:
+    """--serve: answer the requests on stdin until it ends."""
+    args = run.args
+    if args.input or args.output or args.model:
+        raise UsageError("--serve takes no INPUT, OUTPUT or MODEL: each request names its own")
+    device, dtype = resolve_device(args.device, args.precision)
+    cache = ModelCache(args.cache_models)
+    print_json({"ready": True, "version": __version__, "device": str(device), "precision": precision_name(dtype),
+                "protocol": SERVE_PROTOCOL})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        state = RunState()
+        request_id = None
+
+        def start(line: str = line, state: RunState = state) -> Run:
+            nonlocal request_id
+            request = parse_request(line)
+            request_id = request.get("id")
+            request_run = request_args(request, args)
+            return Run(request_run, Paths.resolve(request_run), state, models=cache)
+
+        with state.signals(), state.owned:
+            request_run, code, error = execute(state, start, job_mode, args.verbose)
+        print_json({"id": request_id, **report_object(state, request_run, code, error)})
+        if state.interrupted_by is not None:
+            return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def run_mode(run: Run) -> int:
+    """The mode the command line asks for: a worker, or one job."""
+    return serve(run) if run.args.serve else job_mode(run)
+
+
+# =============================================================================
+# 13. Command line
+# =============================================================================
 
 # glibc's malloc maps every block above its mmap threshold (at most 32 MB) fresh from the
 # kernel and unmaps it when it is freed. The decoder's activations are such blocks, so every
@@ -3681,32 +3896,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     want_json = "--json" in argv
     verbose = "--verbose" in argv
     state = RunState()
-    run: Run | None = None
-    error: RVCError | None = None
-    failure: BaseException | None = None
-    with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals(), state.owned:
-        try:
-            args = build_parser().parse_args(argv)
-            run = Run(args, Paths.resolve(args), state)
-            code = run_mode(run)
-        except RVCError as exc:
-            error, failure, code = exc, exc, exc.exit_code
-        except KeyboardInterrupt as exc:
-            error, failure = Interrupted(f"interrupted by {state.interrupted_by or 'SIGINT'}"), exc
-            code = error.exit_code
-        except Exception as exc:  # a bug: say so in one line, the traceback with --verbose
-            error = RVCError(f"internal error: {type(exc).__name__}: {_first_line(exc)}")
-            failure, code = exc, EXIT_INTERNAL
-            if not verbose:
-                error.message += " (run with --verbose for the traceback)"
-    if error is not None:
-        if verbose:
-            import traceback
 
-            traceback.print_exception(failure, file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if want_json:
-        _emit_json(state, run, code, error)
+    def start() -> Run:
+        args = build_parser().parse_args(argv)
+        return Run(args, Paths.resolve(args), state)
+
+    with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals(), state.owned:
+        run, code, error = execute(state, start, run_mode, verbose)
+    if want_json and not (run is not None and run.args.serve):
+        print_json(report_object(state, run, code, error))
     return code
 
 

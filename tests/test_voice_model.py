@@ -161,6 +161,18 @@ def test_a_long_input_decoded_in_chunks_equals_the_one_piece_decoding(f0, monkey
     assert (run(net, inputs, noise=False) - whole).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("keep", [(0, 300), (100, 200), (37, 300), (150, 150)])
+def test_decoding_only_the_kept_frames_gives_those_frames_of_the_whole(keep):
+    _, net = make_voice_model(f0=True)
+    inputs = synth_inputs(net.phone_dim, frames=300)
+    whole = run(net, inputs, rng=torch.Generator().manual_seed(3))
+    kept = run(net, inputs, rng=torch.Generator().manual_seed(3), keep=keep)  # the same noise, drawn whole
+    first, last = keep
+    assert kept.shape == (1, (last - first) * net.hop)
+    if last > first:
+        assert (kept - whole[:, first * net.hop: last * net.hop]).abs().max().item() <= 1e-5
+
+
 # --- randomness ------------------------------------------------------------------------
 
 
