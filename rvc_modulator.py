@@ -3672,6 +3672,26 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     return converter, audio, params
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (a worker's: over all its requests)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def convert(run: Run) -> int:
     converter, audio, params = prepare(run)
     if run.args.check:
@@ -3693,7 +3713,12 @@ def convert(run: Run) -> int:
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
     total = time.perf_counter() - run.state.started
-    run.report.update(sample_rate=rate, output_duration=round(frames / rate, 6))
+    run.report.update(sample_rate=rate, output_duration=round(frames / rate, 6),
+                      rtf=round((total - timings.load) / audio.duration, 6), peak_rss_mb=peak_rss_mb(),
+                      output_sha256=file_sha256(output))
+    if converter.index is not None:
+        run.report.update(index_vectors=int(converter.index.index.ntotal), index_dim=int(converter.index.index.d),
+                          index_nprobe=getattr(converter.index.index, "nprobe", None))
     run.say(f"wrote {run.args.output}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
             f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
     return EXIT_OK

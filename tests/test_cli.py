@@ -6,6 +6,7 @@ Everything here runs on models the tests build themselves (no shared fixtures ne
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -137,6 +138,12 @@ def test_json_success_report_is_one_object_with_the_run_facts(models, speech, tm
     assert set(report["timings"]) == {"load", "f0", "features", "synthesis", "total"}
     assert all(v >= 0 for v in report["timings"].values())
     assert report["timings"]["total"] >= report["timings"]["load"] + report["timings"]["synthesis"]
+    assert 0 < report["rtf"] < (report["timings"]["total"] - report["timings"]["load"]) / 1.5 + 1e-3
+    assert 100 < report["peak_rss_mb"] < 10_000  # torch alone takes 200 MB
+    assert report["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (report["index_vectors"], report["index_dim"], report["index_nprobe"]) == (400, 256, 1)
+    without_index = json.loads(convert(models, speech, tmp_path / "plain.wav").stdout)
+    assert "index_vectors" not in without_index and without_index["index"] is None
 
 
 def test_default_f0_method_is_rmvpe_when_its_weights_are_there_else_harvest(models, speech, tmp_path):
