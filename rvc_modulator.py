@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
     option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
     option("serve", action="store_true",
-           help="run as a worker: one JSON request per line on stdin, one JSON response per line on stdout "
-                "(see the README); the options above it takes apply to every request")
+           help="run as a worker for a service: one JSON request per line on stdin, one JSON response per "
+                "line on stdout (see the README); --models_dir, --hubert, --rmvpe, --device, --precision, "
+                "--threads, --quiet and --verbose given with it apply to every request")
     option("cache_models", type=_ranged("cache_models"), default=DEFAULT_CACHE_MODELS, metavar="N",
            help="--serve: voice models and indexes kept loaded (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
