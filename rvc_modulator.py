@@ -50,6 +50,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -345,19 +346,22 @@ BLOCK = 1 << 18  # samples per pass of the streaming stages (16 s at 16 kHz)
 class SampleFile:
     """A growing sequence of samples in an unnamed temporary file, read back by slice.
 
-    Reads copy (os.pread), so nothing stays mapped: resident memory does not grow with the
-    file. The file has no name and vanishes when closed or when the process dies. Failures
-    (a full disk) are an OutputError: the scratch space is part of writing the output.
+    Reads copy (seek and readinto, under a lock: the pitch blocks read from threads), so
+    nothing stays mapped: resident memory does not grow with the file. The file has no name
+    where the system allows (else it is removed at once) and vanishes when closed or when the
+    process dies. Failures (a full disk) are an OutputError: the scratch space is part of
+    writing the output.
     """
 
     def __init__(self, dtype: Any = np.float32, directory: Path | None = None):
         self.dtype = np.dtype(dtype)
         self.directory = directory
         try:
-            self._file = tempfile.TemporaryFile(dir=directory, prefix=".rvc-", suffix=".samples")
+            self._file = tempfile.TemporaryFile(dir=directory, prefix=".rvc-", suffix=".samples", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot create scratch audio ({exc.strerror})", directory or tempfile.gettempdir()) from exc
         self._length = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._length
@@ -367,11 +371,11 @@ class SampleFile:
 
     def write_at(self, start: int, samples: np.ndarray) -> None:
         data = memoryview(np.ascontiguousarray(samples, dtype=self.dtype)).cast("B")
-        offset = start * self.dtype.itemsize
         try:
-            while data:
-                written = os.pwrite(self._file.fileno(), data, offset)
-                data, offset = data[written:], offset + written
+            with self._lock:
+                self._file.seek(start * self.dtype.itemsize)
+                while data:
+                    data = data[self._file.write(data):]
         except OSError as exc:
             where = self.directory or tempfile.gettempdir()
             raise OutputError(f"cannot write scratch audio ({exc.strerror})", where) from exc
@@ -382,12 +386,14 @@ class SampleFile:
         if step != 1:
             raise ValueError("SampleFile reads contiguous ranges only")
         out = np.empty(max(0, stop - start), self.dtype)
-        view, offset = memoryview(out).cast("B"), start * self.dtype.itemsize
-        while view:
-            got = os.preadv(self._file.fileno(), [view], offset)
-            if got == 0:
-                raise OutputError("scratch audio ended early", self.directory or tempfile.gettempdir())
-            view, offset = view[got:], offset + got
+        view = memoryview(out).cast("B")
+        with self._lock:
+            self._file.seek(start * self.dtype.itemsize)
+            while view:
+                got = self._file.readinto(view)
+                if not got:
+                    raise OutputError("scratch audio ended early", self.directory or tempfile.gettempdir())
+                view = view[got:]
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
