@@ -343,7 +343,18 @@ READ_BLOCK = 1 << 18  # frames decoded per read (5.5 s at 48 kHz)
 BLOCK = 1 << 18  # samples per pass of the streaming stages (16 s at 16 kHz)
 
 
-class SampleFile:
+class SlicedSignal:
+    """A Signal that is not an array: np.asarray() of it reads the whole."""
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class SampleFile(SlicedSignal):
     """A growing sequence of samples in an unnamed temporary file, read back by slice.
 
     Reads copy (seek and readinto, under a lock: the pitch blocks read from threads), so
@@ -355,11 +366,11 @@ class SampleFile:
 
     def __init__(self, dtype: Any = np.float32, directory: Path | None = None):
         self.dtype = np.dtype(dtype)
-        self.directory = directory
+        self._where = directory or Path(tempfile.gettempdir())  # named in errors
         try:
             self._file = tempfile.TemporaryFile(dir=directory, prefix=".rvc-", suffix=".samples", buffering=0)
         except OSError as exc:
-            raise OutputError(f"cannot create scratch audio ({exc.strerror})", directory or tempfile.gettempdir()) from exc
+            raise OutputError(f"cannot create scratch audio ({exc.strerror})", self._where) from exc
         self._length = 0
         self._lock = threading.Lock()
 
@@ -377,8 +388,7 @@ class SampleFile:
                 while data:
                     data = data[self._file.write(data):]
         except OSError as exc:
-            where = self.directory or tempfile.gettempdir()
-            raise OutputError(f"cannot write scratch audio ({exc.strerror})", where) from exc
+            raise OutputError(f"cannot write scratch audio ({exc.strerror})", self._where) from exc
         self._length = max(self._length, start + len(samples))
 
     def __getitem__(self, index: slice) -> np.ndarray:
@@ -392,13 +402,9 @@ class SampleFile:
             while view:
                 got = self._file.readinto(view)
                 if not got:
-                    raise OutputError("scratch audio ended early", self.directory or tempfile.gettempdir())
+                    raise OutputError("scratch audio ended early", self._where)
                 view = view[got:]
         return out
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        whole = self[:]
-        return whole if dtype is None else whole.astype(dtype)
 
     def close(self) -> None:
         self._file.close()
@@ -425,7 +431,7 @@ def reflect_read(signal: Signal, start: int, stop: int) -> np.ndarray:
     return np.asarray(signal[lo:hi])[idx - lo]
 
 
-class ReflectPadded:
+class ReflectPadded(SlicedSignal):
     """`signal` reflect-padded by `pad` samples on both sides, read by slice: the slices of
     np.pad(signal, pad, mode="reflect") without making it."""
 
@@ -438,10 +444,6 @@ class ReflectPadded:
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, _ = index.indices(len(self))
         return reflect_read(self.signal, start - self.pad, max(start, stop) - self.pad)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        whole = self[:]
-        return whole if dtype is None else whole.astype(dtype)
 
 
 @dataclass
@@ -583,19 +585,13 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
     return InputAudio(samples, rate, channels, frames / rate, peak)
 
 
-def int16_scale(peak: float) -> np.float32:
-    """The factor from float samples to int16 as the reference makes them: outputs
-    peaking above OUTPUT_PEAK are normalised to that peak, others are left as they are."""
-    peak = peak / OUTPUT_PEAK
-    return np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
-
-
-def to_int16(audio: np.ndarray, peak: float | None = None) -> np.ndarray:
+def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
     """int16 samples as the reference makes them; `peak` is max |sample| of the whole
-    output this block belongs to (default: this block's)."""
-    if peak is None:
-        peak = float(np.abs(audio).max()) if audio.size else 0.0
-    return (audio * int16_scale(peak)).astype(np.int16)  # truncation toward zero, as the reference
+    output this block belongs to: outputs peaking above OUTPUT_PEAK are normalised to that
+    peak, others are left as they are."""
+    peak = peak / OUTPUT_PEAK
+    scale = np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
+    return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
 
 
 def output_format(path: Path) -> tuple[str, str]:
@@ -958,10 +954,11 @@ class HubertConvLayer(nn.Module):
         if self.layer_norm is not None:
             if stats is None:
                 x = self.layer_norm(x)
-            else:
+            else:  # in fp32 whatever the module dtype, as Fp32GroupNorm
                 mean, inv_std = stats
-                scale = inv_std * self.layer_norm.weight  # (B, C)
-                x = (x - mean[..., None]) * scale[..., None] + self.layer_norm.bias[:, None]
+                scale = inv_std * self.layer_norm.weight.float()  # (B, C)
+                x = ((x.float() - mean[..., None]) * scale[..., None]
+                     + self.layer_norm.bias.float()[:, None]).type_as(x)
         return F.gelu(x)
 
 
@@ -1019,7 +1016,7 @@ class HubertFeatureExtractor(nn.Module):
     def _first_layer_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1 / sqrt(var + eps)) per (batch, channel) of the first convolution's output
         over the whole signal (B, 1, N), as GroupNorm computes them (biased variance),
-        accumulated in float64 a piece at a time."""
+        accumulated in float64 a piece at a time; float32."""
         conv = self.conv_layers[0].conv
         kernel, stride = conv.kernel_size[0], conv.stride[0]
         n_out = (x.shape[-1] - kernel) // stride + 1
@@ -1033,8 +1030,7 @@ class HubertFeatureExtractor(nn.Module):
             squares += (y * y).sum(-1)
         mean = total / n_out
         var = (squares / n_out - mean * mean).clamp(min=0)
-        dtype = conv.weight.dtype
-        return mean.to(dtype), torch.rsqrt(var + self.conv_layers[0].layer_norm.eps).to(dtype)
+        return mean.float(), torch.rsqrt(var + self.conv_layers[0].layer_norm.eps).float()
 
 
 class HubertFeatureProjection(nn.Module):
@@ -1666,7 +1662,8 @@ class RMVPEUNet(nn.Module):
             skips.append(x)  # (B, C, T', F') before pooling, for the decoder
             x = F.avg_pool2d(x, self.encoder.pool)
         x = self.intermediate(x)
-        for level, (decode, skip) in reversed(list(enumerate(zip(reversed(self.decoder.layers), skips)))):
+        for decode, level in zip(self.decoder.layers, reversed(range(len(skips)))):  # from the bottom up
+            skip = skips[level]
             fn = decode if level or head is None else (lambda low, skip, decode=decode: head(decode(low, skip)))
             if level < RMVPE_PIECEWISE_LEVELS:
                 x = in_time_pieces(fn, skip.shape[2], self.context, [(x, 2), (skip, 1)])
@@ -3236,6 +3233,7 @@ class Converter:
             rng = self._rng(params.seed)
             sid = torch.tensor([params.speaker_id], device=self.device)
             raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
+            raw_peak = 0.0
             bounds = segments(len(audio_pad), cuts)
             if progress is not None:
                 progress("segment", 0, len(bounds))
@@ -3250,38 +3248,39 @@ class Converter:
                 if not np.isfinite(out).all():
                     raise InferenceError("the network produced non-finite audio")
                 raw.append(out)
+                raw_peak = max(raw_peak, float(np.abs(out).max(initial=0.0)))
                 if progress is not None:
                     progress("segment", k + 1, len(bounds))
             del pitch, pitchf
-            yield from self._postprocess(conditioned, raw, params, directory, block)
+            yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block)
 
-    def _postprocess(self, conditioned: Signal, raw: SampleFile, params: ConversionParams,
+    def _postprocess(self, conditioned: Signal, raw: SampleFile, raw_peak: float, params: ConversionParams,
                      directory: Path | None, block: int) -> Iterator[np.ndarray]:
-        """Step 5, a piece at a time: loudness mixing and resampling into a SampleFile
-        (the int16 scale needs the final peak), then int16 blocks."""
+        """Step 5, a piece at a time: loudness mixing and resampling into another SampleFile
+        (the int16 scale needs the final peak), then int16 blocks. raw_peak: max |raw|."""
         rate, size = self.output_rate, len(raw)
         mix = params.rms_mix_rate != 1 and size > 0
-        if mix:
-            rms_in = frame_rms(conditioned, hop=SAMPLE_RATE // 2)
-            rms_out = frame_rms(raw, hop=rate // 2)
         resampler = Resampler(rate, params.resample_sr) if params.resample_sr and params.resample_sr != rate else None
         with contextlib.ExitStack() as scratch:
-            final = raw if not (mix or resampler) else scratch.enter_context(SampleFile(np.float32, directory))
-            peak = 0.0
-            for start in range(0, size, MIX_PIECE):
-                stop = min(start + MIX_PIECE, size)
-                piece = raw[start:stop]
+            final, peak = raw, raw_peak
+            if mix or resampler:
+                final, peak = scratch.enter_context(SampleFile(np.float32, directory)), 0.0
                 if mix:
-                    piece *= loudness_gain(rms_in, rms_out, size, start, stop, params.rms_mix_rate)
-                if resampler:
-                    piece = resampler(piece)
-                if final is not raw:
+                    rms_in = frame_rms(conditioned, hop=SAMPLE_RATE // 2)
+                    rms_out = frame_rms(raw, hop=rate // 2)
+                for start in range(0, size, MIX_PIECE):
+                    stop = min(start + MIX_PIECE, size)
+                    piece = raw[start:stop]
+                    if mix:
+                        piece *= loudness_gain(rms_in, rms_out, size, start, stop, params.rms_mix_rate)
+                    if resampler:
+                        piece = resampler(piece)
                     final.append(piece)
-                peak = max(peak, float(np.abs(piece).max(initial=0.0)))
-            if resampler:
-                tail = resampler.finish(size)
-                final.append(tail)
-                peak = max(peak, float(np.abs(tail).max(initial=0.0)))
+                    peak = max(peak, float(np.abs(piece).max(initial=0.0)))
+                if resampler:
+                    tail = resampler.finish(size)
+                    final.append(tail)
+                    peak = max(peak, float(np.abs(tail).max(initial=0.0)))
             for start in range(0, len(final), block):
                 yield to_int16(final[start:start + block], peak)
 
