@@ -3919,10 +3919,27 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+# torch's oneDNN convolutions (through ideep) keep every primitive they build in an LRU of
+# LRU_CACHE_CAPACITY entries, 1024 by default, keyed by shape. Segments differ in length,
+# so every segment added ~30 new entries that were never used again: the heap grew with the
+# input until the cache was full (+32 MB live over 50 segments with the tests' tiny
+# networks). A small cache still holds every shape a segment repeats (the decoder's chunks);
+# measured, 60 s and 10 s conversions ran as fast with 1 entry as with 1024 (a primitive is
+# cheap to rebuild against the convolution it runs), and the outputs are identical.
+CONV_CACHE_ENTRIES = 128
+
+
+def bound_convolution_cache() -> None:
+    """Cap the oneDNN primitive cache (read once, at torch's first convolution; a user's own
+    LRU_CACHE_CAPACITY wins)."""
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(CONV_CACHE_ENTRIES))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """One run of the command line: its exit code; one line on stderr for a failure (and
     its traceback with --verbose), one JSON object on stdout with --json."""
     keep_freed_memory()
+    bound_convolution_cache()
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
     verbose = "--verbose" in argv

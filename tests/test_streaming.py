@@ -113,9 +113,10 @@ code = rvc.main(sys.argv[1:])
 print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 sys.exit(code)
 """
-# Measured (tiny networks, 20 s against 120 s): disk to disk +16 MB, about 10 MB/min, most
-# of it heap fragmentation that levels off (+20 MB more from 200 s to 800 s); the whole-array
-# pipeline it replaced grew 40 MB/min, and more for longer inputs.
+# Measured (tiny networks, 20 s against 120 s): +14 MB, heap fragmentation that levels off
+# (120 s and 480 s peak the same). Without the bounded convolution cache (main's
+# LRU_CACHE_CAPACITY) it was +29 MB and still growing at 480 s; the whole-array pipeline
+# disk to disk replaced grew 40 MB/min, and more for longer inputs.
 GROWTH_PER_MINUTE_MB = 15
 
 
