@@ -80,11 +80,25 @@ def test_every_layout_of_factory_weights_gives_the_same_features(tmp_path, tiny_
     assert not torch.allclose(rvc.load_hubert(other_seed).extract(x, "v1"), reference)
 
 
-def test_loaded_model_is_fp32_in_eval_mode(tiny_fairseq):
+def test_loaded_model_computes_in_fp32_in_eval_mode(tiny_fairseq):
     model = rvc.load_hubert(tiny_fairseq)  # the file is fp16
     assert not model.training
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert model.extract(wave(0.5), "v2").dtype == torch.float32
+
+
+def test_the_transformers_fp16_weights_stay_fp16_and_give_exactly_the_fp32_result(tiny_fairseq):
+    model = rvc.load_hubert(tiny_fairseq)  # the file is fp16
+    half = {name for name, p in model.named_parameters() if p.dtype == torch.float16}
+    stored = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, rvc.StoredLinear)}
+    assert half == stored and len(stored) == 6 * model.config.layers  # q, k, v, out, two FFN layers
+    assert {p.dtype for name, p in model.named_parameters() if name not in half} == {torch.float32}
+    x = wave(0.5)
+    widened = rvc.load_hubert(tiny_fairseq)
+    for name in half:
+        module, _, attr = name.rpartition(".")
+        getattr(widened.get_submodule(module), attr).data = getattr(widened.get_submodule(module), attr).data.float()
+    assert torch.equal(model.extract(x, "v2"), widened.extract(x, "v2"))
 
 
 def test_half_precision_model_takes_fp32_audio_and_agrees_with_fp32(tiny_fairseq):
