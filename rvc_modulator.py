@@ -672,6 +672,55 @@ def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sa
 # 5. Weight loading
 # =============================================================================
 
+# Memory policy. glibc's malloc maps every block above its mmap threshold (at most 32 MB)
+# fresh from the kernel and unmaps it when it is freed. The decoder's activations are such
+# blocks, so every layer of every chunk paid for page faults and zero-filling: 3.7 million
+# faults and 9 s of system time per 10 s of audio, measured. Served from the heap and kept
+# once freed, they are reused instead (system time 0.3 s); the bounded chunks and segments
+# keep that heap small. Weights are the opposite: allocated once, freed whole (RMVPE once
+# the pitch is known), so they are mapped outside the heap while a model loads, and what
+# they free goes back to the system instead of staying behind as heap that only fits
+# activations (a 60 s conversion's peak: -80 to -170 MB, measured).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+MMAP_MAX_DEFAULT = 65536  # glibc's own default for M_MMAP_MAX
+WEIGHT_MMAP_THRESHOLD = 1 << 20  # bytes: tensors from this size up are mapped while loading
+_MALLOPT: list[Callable[[int, int], int]] = []  # glibc's mallopt, once keep_freed_memory() set it up
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc never to mmap blocks nor to trim the heap; False elsewhere."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the malloc this process runs on
+    except (OSError, AttributeError):
+        return False
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return False
+    _MALLOPT[:] = [mallopt]
+    return True
+
+
+@contextlib.contextmanager
+def weights_outside_heap() -> Iterator[None]:
+    """While a model loads, large blocks are mapped (and unmapped when freed, whenever
+    that is); a no-op unless keep_freed_memory() is in effect. Not for concurrent use:
+    malloc's settings are the process's."""
+    if not _MALLOPT:
+        yield
+        return
+    mallopt = _MALLOPT[0]
+    mallopt(M_MMAP_THRESHOLD, WEIGHT_MMAP_THRESHOLD)
+    mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_MAX, 0)
+
+
 # Model files are untrusted input. Everything goes through torch's weights-only
 # unpickler, which rebuilds tensors and plain containers and refuses every other
 # global. fairseq checkpoints (hubert_base.pt) additionally pickle a few harmless
@@ -1407,6 +1456,7 @@ def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: P
         raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
 
 
+@weights_outside_heap()
 def load_hubert(path: Path) -> HubertEncoder:
     """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
     path = Path(path)
@@ -1830,6 +1880,7 @@ def rmvpe_config_from_state(state: Mapping[str, Any], path: Path) -> RMVPEConfig
     return cfg
 
 
+@weights_outside_heap()
 def load_rmvpe(path: Path) -> RMVPE:
     """Load rmvpe.pt (any E2E size) as a float32 RMVPE in eval mode, refusing anything else."""
     path = Path(path)
@@ -2665,6 +2716,7 @@ def _json_safe(value: Any) -> Any:
         return str(value)
 
 
+@weights_outside_heap()
 def load_voice_model(path: Path, warn: Warn = print_warning) -> VoiceModel:
     """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
     path = Path(path)
@@ -3914,30 +3966,6 @@ def run_mode(run: Run) -> int:
 # =============================================================================
 # 13. Command line
 # =============================================================================
-
-# glibc's malloc maps every block above its mmap threshold (at most 32 MB) fresh from the
-# kernel and unmaps it when it is freed. The decoder's activations are such blocks, so every
-# layer of every chunk paid for page faults and zero-filling: 3.7 million faults and 9 s of
-# system time per 10 s of audio, measured. Served from the heap and kept once freed, they
-# are reused instead (system time 0.3 s). The price: the process keeps its peak memory
-# until it exits, which the bounded chunks and segments keep small.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc never to mmap blocks nor to trim the heap; False elsewhere."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the malloc this process runs on
-    except (OSError, AttributeError):
-        return False
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
 
 # torch's oneDNN convolutions (through ideep) keep every primitive they build in an LRU of
 # LRU_CACHE_CAPACITY entries, 1024 by default, keyed by shape. Segments differ in length,

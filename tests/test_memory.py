@@ -1,5 +1,6 @@
-"""Memory: large blocks are reused rather than mapped fresh from the kernel each time, and a
-conversion need not hold every network at once."""
+"""Memory: large blocks are reused rather than mapped fresh from the kernel each time,
+weights go back to the system when a network is dropped, and a conversion need not hold
+every network at once."""
 from __future__ import annotations
 
 import subprocess
@@ -42,6 +43,38 @@ def faults_of_reused_blocks(mode: str) -> int:
 def test_freed_large_blocks_are_reused_without_page_faults():
     assert faults_of_reused_blocks("keep") < 1000
     assert faults_of_reused_blocks("default") > 50000  # what glibc does by default: the check can fail
+
+
+# A model's weights (here one 64 MB tensor) allocated while it loads, then dropped, as
+# RMVPE is once the pitch is known. Prints the resident memory given back when it is freed.
+RSS_RETURNED_BY_FREED_WEIGHTS = f"""
+import re, sys
+sys.path.insert(0, {str(REPO)!r})
+import rvc_modulator as rvc
+import torch
+assert rvc.keep_freed_memory()
+def rss_kb():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+loading = rvc.weights_outside_heap() if sys.argv[1] == "load" else rvc.contextlib.nullcontext()
+with loading:
+    weights = torch.ones(16 * 2**20)
+before = rss_kb()
+del weights
+print(before - rss_kb())
+"""
+
+
+def rss_returned_by_freed_weights(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", RSS_RETURNED_BY_FREED_WEIGHTS, mode], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_weights_loaded_outside_the_heap_go_back_to_the_system_when_freed():
+    assert rss_returned_by_freed_weights("load") > 60  # MB of the 64
+    assert rss_returned_by_freed_weights("compute") < 4  # the heap keeps what activations free
 
 
 def test_a_conversion_can_load_hubert_after_the_pitch_in_the_memory_rmvpe_leaves(tmp_path):
