@@ -455,6 +455,11 @@ class InputAudio:
     source_channels: int
     duration: float  # seconds, of the original file
     peak: float  # max |sample| at 16 kHz
+    source_frames: int = 0  # samples per channel in the original file
+
+    def length_at(self, rate: int) -> int:
+        """Samples of this input's duration at `rate`: what an output at that rate holds."""
+        return output_length(self.source_frames, self.source_rate, rate)
 
 
 def _decoded_blocks(path: Path) -> tuple[Iterator[np.ndarray], int, int]:
@@ -514,6 +519,11 @@ class Resampler:
         if excess > 0:  # cut: never more than the last block holds
             tail = tail[:max(0, len(tail) - excess)]
         return np.concatenate([tail, np.zeros(max(0, -excess), self.dtype)])
+
+
+def output_length(n: int, orig_sr: int, target_sr: int) -> int:
+    """Samples that n samples at orig_sr last at target_sr: ceil, as every resampling here."""
+    return -(-n * target_sr // orig_sr)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -582,7 +592,7 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
         warn(f"mixed {channels} channels down to mono")
     if resampler:
         warn(f"resampled the input from {rate} Hz to {SAMPLE_RATE} Hz")
-    return InputAudio(samples, rate, channels, frames / rate, peak)
+    return InputAudio(samples, rate, channels, frames / rate, peak, frames)
 
 
 def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
@@ -3046,10 +3056,13 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #   4. segments: each segment runs alone with T_PAD of context on both sides: HuBERT
 #      features, blended with their nearest neighbours from the index (Retrieval),
 #      repeated to the 10 ms frame grid; consonant protection; the synthesizer. Its output
-#      is trimmed by the context; the trimmed outputs tile the input. (The output is up to
-#      two frames, 20 ms, shorter than the input, as in the reference.)
+#      is trimmed by the context; the trimmed outputs tile the input. The reference's
+#      output ends up to 20 ms before the input does (the frame grid, and HuBERT's 20 ms
+#      frames); the last segment decodes on into its context until the input's end, so the
+#      output lasts exactly as long as the input, and the reference's samples stay as they are.
 #   5. loudness_gain: the output's loudness envelope is moved towards the input's
-#      (rms_mix_rate); optional resampling; int16 (to_int16, with the whole output's peak).
+#      (rms_mix_rate), with the envelopes of the reference's length; optional resampling;
+#      int16 (to_int16, with the whole output's peak); cut to the input's duration.
 
 # Segmentation: the WebUI's fp32 values (its fp16 GPU values are longer), used on every
 # device so that the result does not depend on the device. They only matter over X_MAX.
@@ -3171,18 +3184,19 @@ def segments(n_padded: int, cuts: Sequence[int]) -> list[tuple[int, int, int, in
     return bounds
 
 
-def frame_rms(y: np.ndarray, hop: int) -> np.ndarray:
+def frame_rms(y: Signal, hop: int, n: int | None = None) -> np.ndarray:
     """RMS of frames of 2*hop samples centred every `hop` samples, zero-padded at the ends:
     the values of librosa.feature.rms (center=True) for frame_length == 2 * hop, which is
     what the reference's loudness mixing uses, without librosa's seconds of import and JIT start-up. Energies are summed
     per hop-long block in bounded pieces (float64), so an hour of audio needs no full-length
-    temporary; frame t covers blocks t-1 and t."""
+    temporary; frame t covers blocks t-1 and t. n: of the first n samples only (default all)."""
+    n = len(y) if n is None else n
     frame_length = 2 * hop
-    n_frames = 1 + len(y) // hop
+    n_frames = 1 + n // hop
     blocks = np.zeros(n_frames + 1)  # blocks[b + 1] = energy of y[b*hop : (b+1)*hop], b = -1 .. n_frames-1
     step = hop * RMS_BLOCKS_PER_PIECE
-    for start in range(0, len(y), step):
-        piece = np.square(y[start: start + step], dtype=np.float64)
+    for start in range(0, n, step):
+        piece = np.square(y[start: min(start + step, n)], dtype=np.float64)
         sums = np.add.reduceat(piece, np.arange(0, len(piece), hop))
         blocks[1 + start // hop: 1 + start // hop + len(sums)] = sums
     return np.sqrt((blocks[:-1] + blocks[1:]) / frame_length).astype(np.float32)  # float32, as librosa
@@ -3277,13 +3291,18 @@ class Converter:
     def stream(self, audio: Signal, params: ConversionParams, timings: Timings | None = None,
                progress: Progress | None = None, trace: list[dict] | None = None, *,
                peak: float | None = None, directory: Path | None = None,
-               block: int = BLOCK) -> Iterator[np.ndarray]:
+               block: int = BLOCK, length: int | None = None) -> Iterator[np.ndarray]:
         """16 kHz float audio in, blocks of int16 samples at output_rate_for(params) out:
         steps 1-5 above, disk to disk (scratch files in `directory`), `block` samples per pass.
 
         peak: max |sample| of `audio`, when the caller knows it (else a pass finds it).
+        length: the output's samples, the duration of the original input (InputAudio.length_at)
+        when `audio` was resampled from it; by default that of `audio` itself.
         """
         timings = timings or Timings()
+        if length is None:
+            length = output_length(len(audio), SAMPLE_RATE, self.output_rate_for(params))
+        raw_length = output_length(len(audio), SAMPLE_RATE, self.output_rate)  # the input's, at the model rate
         with contextlib.ExitStack() as scratch:
             conditioned = scratch.enter_context(condition(audio, peak, directory, block))
             cuts = split_points(conditioned)
@@ -3305,7 +3324,7 @@ class Converter:
             rng = self._rng(params.seed)
             sid = torch.tensor([params.speaker_id], device=self.device)
             raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
-            raw_peak = 0.0
+            raw_peak, reference_length = 0.0, 0
             bounds = segments(len(audio_pad), cuts)
             if progress is not None:
                 progress("segment", 0, len(bounds))
@@ -3315,21 +3334,30 @@ class Converter:
                 seg_trace = None if trace is None else {}
                 if seg_trace is not None:
                     trace.append(seg_trace)
-                out = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf, sid,
-                                            params, rng, timings, seg_trace)
+                last = k == len(bounds) - 1
+                out, reference = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf,
+                                                       sid, params, rng, timings, seg_trace,
+                                                       extend_to=raw_length - len(raw) if last else 0)
                 if not np.isfinite(out).all():
                     raise InferenceError("the network produced non-finite audio")
+                reference_length += reference
+                if last:
+                    out = out[:max(reference, raw_length - len(raw))]
                 raw.append(out)
                 raw_peak = max(raw_peak, float(np.abs(out).max(initial=0.0)))
                 if progress is not None:
                     progress("segment", k + 1, len(bounds))
             del pitch, pitchf
-            yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block)
+            yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block,
+                                         min(reference_length, len(raw)), length)
 
     def _postprocess(self, conditioned: Signal, raw: SampleFile, raw_peak: float, params: ConversionParams,
-                     directory: Path | None, block: int) -> Iterator[np.ndarray]:
+                     directory: Path | None, block: int, reference_length: int, length: int) -> Iterator[np.ndarray]:
         """Step 5, a piece at a time: loudness mixing and resampling into another SampleFile
-        (the int16 scale needs the final peak), then int16 blocks. raw_peak: max |raw|."""
+        (the int16 scale needs the final peak), then `length` int16 samples in blocks.
+        raw_peak: max |raw|. reference_length: the samples of raw the reference would have
+        made; the loudness envelopes are those of that length, held at their last value
+        beyond it, so that the reference's samples are mixed exactly as it mixes them."""
         rate, size = self.output_rate, len(raw)
         mix = params.rms_mix_rate != 1 and size > 0
         resampler = Resampler(rate, params.resample_sr) if params.resample_sr and params.resample_sr != rate else None
@@ -3339,12 +3367,13 @@ class Converter:
                 final, peak = scratch.enter_context(SampleFile(np.float32, directory)), 0.0
                 if mix:
                     rms_in = frame_rms(conditioned, hop=SAMPLE_RATE // 2)
-                    rms_out = frame_rms(raw, hop=rate // 2)
+                    rms_out = frame_rms(raw, hop=rate // 2, n=reference_length)
                 for start in range(0, size, MIX_PIECE):
                     stop = min(start + MIX_PIECE, size)
                     piece = raw[start:stop]
                     if mix:
-                        piece *= loudness_gain(rms_in, rms_out, size, start, stop, params.rms_mix_rate)
+                        piece *= loudness_gain(rms_in, rms_out, max(reference_length, 1), start, stop,
+                                               params.rms_mix_rate)
                     if resampler:
                         piece = resampler(piece)
                     final.append(piece)
@@ -3353,8 +3382,12 @@ class Converter:
                     tail = resampler.finish(size)
                     final.append(tail)
                     peak = max(peak, float(np.abs(tail).max(initial=0.0)))
-            for start in range(0, len(final), block):
-                yield to_int16(final[start:start + block], peak)
+            available = min(length, len(final))
+            for start in range(0, available, block):
+                yield to_int16(final[start:min(start + block, available)], peak)
+            if available < length:  # never by more than a sample or two of rounding: hold the last
+                last = final[available - 1:available] if available else np.zeros(1, np.float32)
+                yield to_int16(np.repeat(last, length - available), peak)
 
     def _rng(self, seed: int | None) -> torch.Generator:
         """The synthesizer's random numbers: seeded, or from fresh entropy."""
@@ -3368,9 +3401,11 @@ class Converter:
     @torch.no_grad()
     def _convert_segment(self, segment: np.ndarray, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
                          sid: torch.Tensor, params: ConversionParams, rng: torch.Generator,
-                         timings: Timings, trace: dict | None) -> np.ndarray:
+                         timings: Timings, trace: dict | None, extend_to: int = 0) -> tuple[np.ndarray, int]:
         """One padded segment to audio at the model's rate (float32), trimmed by the padding
-        (X_PAD on both sides), which is not decoded at all (the trace gets it all)."""
+        (X_PAD on both sides), which is not decoded at all (the trace gets it all), and the
+        samples of it the reference keeps. extend_to: decode at least this many samples,
+        on into the right-hand padding where the reference stops short of them."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
         feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
@@ -3395,9 +3430,11 @@ class Converter:
         timings.features += time.perf_counter() - start
         start = time.perf_counter()
         trim = X_PAD * FRAMES_PER_SECOND
-        keep = None if trace is not None else (trim, max(trim, p_len - trim))
+        reference_end = max(trim, p_len - trim)  # the frames the reference keeps end here
+        end = max(reference_end, min(p_len, trim + -(-extend_to // self.voice.hop)))
         try:
-            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, rng=rng, keep=keep)
+            audio = self.net.infer(feats, pitch, pitchf, sid, noise=params.noise, rng=rng,
+                                   keep=None if trace is not None else (trim, end))
         except torch.OutOfMemoryError as exc:
             raise InferenceError(f"out of memory on {self.device}; try --device cpu", "--device") from exc
         audio = audio[0].float().cpu().numpy()
@@ -3406,8 +3443,8 @@ class Converter:
             trace.update(pitch=None if pitch is None else pitch[0].cpu().numpy(),
                          pitchf=None if pitchf is None else pitchf[0].cpu().numpy(),
                          phone_lengths=p_len, net_out=audio)
-            audio = audio[trim * self.voice.hop: len(audio) - trim * self.voice.hop]
-        return audio
+            audio = audio[trim * self.voice.hop: end * self.voice.hop]
+        return audio, (reference_end - trim) * self.voice.hop
 
     @staticmethod
     def _protect(feats: torch.Tensor, raw: torch.Tensor, pitchf: torch.Tensor, protect: float) -> torch.Tensor:
@@ -3785,7 +3822,7 @@ def convert(run: Run) -> int:
     output = Path(run.args.output)
     rate = converter.output_rate_for(params)
     blocks = converter.stream(audio.samples, params, timings, progress if long_input else None,
-                              peak=audio.peak, directory=output.parent)
+                              peak=audio.peak, directory=output.parent, length=audio.length_at(rate))
     try:
         frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
     except (RuntimeError, MemoryError) as exc:

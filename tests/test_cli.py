@@ -243,14 +243,14 @@ def test_pure_silence_gives_a_silent_output_of_the_same_length(models, tmp_path)
     assert np.abs(audio).max() == 0  # the input's envelope (0) replaces the output's
 
 
-def test_a_single_sample_gives_a_valid_empty_wav(models, tmp_path):
+def test_a_single_sample_gives_a_wav_of_its_duration(models, tmp_path):
     source = tmp_path / "one.wav"
     sf.write(source, np.array([0.25]), SR, subtype="PCM_16")
     out = tmp_path / "out.wav"
     result = convert(models, source, out)
     assert result.returncode == 0, result.stderr
-    assert sf.info(out).frames == 0 and sf.info(out).samplerate == 40000
-    assert json.loads(result.stdout)["output_duration"] == 0
+    assert sf.info(out).frames == 3 and sf.info(out).samplerate == 40000  # 1/16000 s at 40 kHz, rounded up
+    assert json.loads(result.stdout)["output_duration"] == 3 / 40000
 
 
 def test_non_ascii_paths_with_spaces(models, speech, tmp_path):
