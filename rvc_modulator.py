@@ -446,6 +446,11 @@ class ReflectPadded(SlicedSignal):
         return reflect_read(self.signal, start - self.pad, max(start, stop) - self.pad)
 
 
+def output_length(n: int, orig_sr: int, target_sr: int) -> int:
+    """Samples that n samples at orig_sr last at target_sr: ceil, as every resampling here."""
+    return -(-n * target_sr // orig_sr)
+
+
 @dataclass
 class InputAudio:
     """The input as the pipeline sees it: mono float32 at 16 kHz, plus what it was."""
@@ -519,11 +524,6 @@ class Resampler:
         if excess > 0:  # cut: never more than the last block holds
             tail = tail[:max(0, len(tail) - excess)]
         return np.concatenate([tail, np.zeros(max(0, -excess), self.dtype)])
-
-
-def output_length(n: int, orig_sr: int, target_sr: int) -> int:
-    """Samples that n samples at orig_sr last at target_sr: ceil, as every resampling here."""
-    return -(-n * target_sr // orig_sr)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
