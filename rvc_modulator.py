@@ -447,7 +447,8 @@ class ReflectPadded(SlicedSignal):
 
 
 def output_length(n: int, orig_sr: int, target_sr: int) -> int:
-    """Samples that n samples at orig_sr last at target_sr: ceil, as every resampling here."""
+    """Samples that n samples at orig_sr last at target_sr, rounded up (as the resamplers'
+    lengths, here in exact integer arithmetic)."""
     return -(-n * target_sr // orig_sr)
 
 
@@ -3341,15 +3342,13 @@ class Converter:
                 if not np.isfinite(out).all():
                     raise InferenceError("the network produced non-finite audio")
                 reference_length += reference
-                if last:
-                    out = out[:max(reference, raw_length - len(raw))]
                 raw.append(out)
                 raw_peak = max(raw_peak, float(np.abs(out).max(initial=0.0)))
                 if progress is not None:
                     progress("segment", k + 1, len(bounds))
             del pitch, pitchf
             yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block,
-                                         min(reference_length, len(raw)), length)
+                                         reference_length, length)
 
     def _postprocess(self, conditioned: Signal, raw: SampleFile, raw_peak: float, params: ConversionParams,
                      directory: Path | None, block: int, reference_length: int, length: int) -> Iterator[np.ndarray]:
@@ -3404,8 +3403,8 @@ class Converter:
                          timings: Timings, trace: dict | None, extend_to: int = 0) -> tuple[np.ndarray, int]:
         """One padded segment to audio at the model's rate (float32), trimmed by the padding
         (X_PAD on both sides), which is not decoded at all (the trace gets it all), and the
-        samples of it the reference keeps. extend_to: decode at least this many samples,
-        on into the right-hand padding where the reference stops short of them."""
+        samples of it the reference keeps. extend_to: give max(those, extend_to) samples,
+        decoding on into the right-hand padding where the reference stops short."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
         feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
@@ -3444,7 +3443,8 @@ class Converter:
                          pitchf=None if pitchf is None else pitchf[0].cpu().numpy(),
                          phone_lengths=p_len, net_out=audio)
             audio = audio[trim * self.voice.hop: end * self.voice.hop]
-        return audio, (reference_end - trim) * self.voice.hop
+        reference = (reference_end - trim) * self.voice.hop
+        return audio[:max(reference, extend_to)], reference
 
     @staticmethod
     def _protect(feats: torch.Tensor, raw: torch.Tensor, pitchf: torch.Tensor, protect: float) -> torch.Tensor:
