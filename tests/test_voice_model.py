@@ -137,7 +137,7 @@ def test_one_channel_convolution_as_a_matrix_product_equals_the_layer(stride):
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("length", [100, 4096, 9000])  # one short tile, one full tile, three tiles
+@pytest.mark.parametrize("length", [100, 9000])
 @pytest.mark.parametrize("kernel,dilation", [(3, 1), (11, 5)])
 def test_a_low_precision_convolution_is_the_convolution_in_bf16(length, kernel, dilation):
     conv = torch.nn.Conv1d(32, 32, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2)
