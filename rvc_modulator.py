@@ -73,7 +73,7 @@ HUBERT_HOP = 320  # samples per HuBERT frame (20 ms): each feature covers HUBERT
 F0_MIN, F0_MAX = 50.0, 1100.0  # Hz: the pitch range every estimator searches
 F0_COARSE_BINS = 256  # the text encoder embeds pitch as one of 256 bins (Pitch section)
 
-# progress(stage, done, total) for long inputs: stage "pitch" or "segment", called with
+# progress(stage, done, total) for long inputs: stage "pitch", "features" or "segment", called with
 # done = 0 when the stage starts and after each of its `total` pieces.
 Progress = Callable[[str, int, int], None]
 
@@ -3044,8 +3044,9 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #      (Pitch section): p_len = len // HOP frames.
 #   4. segments: each segment runs alone with T_PAD of context on both sides: HuBERT
 #      features, blended with their nearest neighbours from the index (Retrieval),
-#      repeated to the 10 ms frame grid; consonant protection; the synthesizer. Its output
-#      is trimmed by the context; the trimmed outputs tile the input. The reference's
+#      repeated to the 10 ms frame grid; consonant protection (every segment's features
+#      first, into a scratch file, so that HuBERT can go before the synthesizer runs);
+#      then segment by segment the synthesizer. Its output is trimmed by the context; the trimmed outputs tile the input. The reference's
 #      output ends up to 20 ms before the input does (the frame grid, and HuBERT's 20 ms
 #      frames); the last segment decodes on into its context until the input's end, so the
 #      output lasts exactly as long as the input, and the reference's samples stay as they are.
@@ -3218,17 +3219,18 @@ class Converter:
     """Loaded networks on one device, converting 16 kHz audio to the model's voice.
 
     One conversion (the command line) can hold less at once: given a loader instead of a
-    HuBERT, the converter loads it after the pitch, and with `release_rmvpe` it drops
-    RMVPE before that; the networks then share their memory instead of adding it up
-    (RMVPE 362 MB, HuBERT 379 MB in fp32). A service keeps both loaded.
+    HuBERT, the converter loads it after the pitch, and when `staged` it drops each network
+    once its stage is done (RMVPE after the pitch, HuBERT after every segment's features);
+    the networks then share their memory instead of adding it up (RMVPE 362 MB, HuBERT
+    379 MB in fp32). A service keeps them all loaded.
     """
 
     def __init__(self, voice: "VoiceModel", hubert: "HubertEncoder | Callable[[], HubertEncoder]",
                  rmvpe: "RMVPE | None" = None, index: FeatureIndex | None = None,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-                 release_rmvpe: bool = False):
+                 staged: bool = False):
         self.voice, self.index, self.device, self.dtype = voice, index, device, dtype
-        self.release_rmvpe = release_rmvpe
+        self.staged = staged
         if dtype == torch.bfloat16 and device.type == "cpu":
             # Mixed precision: only the decoder's residual blocks in bf16. HuBERT and RMVPE in
             # bf16 cost the output 10-30 dB of SNR against fp32 (the pitch's voicing flips)
@@ -3240,6 +3242,7 @@ class Converter:
             network_dtype = dtype
         self.network_dtype = network_dtype
         self._hubert = self._placed(hubert) if isinstance(hubert, nn.Module) else hubert
+        self._hubert_loader = None if isinstance(hubert, nn.Module) else hubert  # what a drop goes back to
         self.rmvpe = self._placed(rmvpe) if rmvpe is not None else None
 
     def _placed(self, module: nn.Module) -> nn.Module:
@@ -3307,26 +3310,42 @@ class Converter:
                 pitch = torch.from_numpy(coarse.astype(np.int64))[None].to(self.device)  # (1, p_len)
                 pitchf = torch.from_numpy(f0.astype(np.float32))[None].to(self.device)  # (1, p_len)
                 timings.f0 += time.perf_counter() - start
-            if self.release_rmvpe:
+            if self.staged:
                 self.rmvpe = None
-            self.hubert(timings)
+            bounds = segments(len(audio_pad), cuts)
+            seg_traces = [None if trace is None else {} for _ in bounds]
+            if trace is not None:
+                trace.extend(seg_traces)
+            # Every segment's features first, then every segment's audio: the two networks
+            # need not be resident together (staged). The features wait in a scratch file.
+            features = scratch.enter_context(SampleFile(np.float32, directory))  # (frames x D), end to end
+            rows = [0]  # segment k's features are rows[k]:rows[k + 1]
+            if progress is not None:
+                progress("features", 0, len(bounds))
+            for k, (sample_start, sample_end, frame_start, frame_end) in enumerate(bounds):
+                seg_pitchf = None if pitchf is None else pitchf[:, frame_start:frame_end]
+                feats = self._segment_features(audio_pad[sample_start:sample_end], seg_pitchf, params, timings,
+                                               seg_traces[k])  # (1, T, D)
+                features.append(feats[0].float().cpu().numpy().reshape(-1))
+                rows.append(rows[-1] + feats.shape[1])
+                if progress is not None:
+                    progress("features", k + 1, len(bounds))
+            if self.staged and self._hubert_loader is not None:
+                self._hubert = self._hubert_loader
             rng = self._rng(params.seed)
             sid = torch.tensor([params.speaker_id], device=self.device)
             raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
-            raw_peak, reference_length = 0.0, 0
-            bounds = segments(len(audio_pad), cuts)
+            raw_peak, reference_length, dim = 0.0, 0, self.voice.phone_dim
             if progress is not None:
                 progress("segment", 0, len(bounds))
             for k, (sample_start, sample_end, frame_start, frame_end) in enumerate(bounds):
                 seg_pitch = None if pitch is None else pitch[:, frame_start:frame_end]
                 seg_pitchf = None if pitchf is None else pitchf[:, frame_start:frame_end]
-                seg_trace = None if trace is None else {}
-                if seg_trace is not None:
-                    trace.append(seg_trace)
+                feats = torch.from_numpy(features[rows[k] * dim: rows[k + 1] * dim].reshape(1, -1, dim))
                 last = k == len(bounds) - 1
-                out, reference = self._convert_segment(audio_pad[sample_start:sample_end], seg_pitch, seg_pitchf,
-                                                       sid, params, rng, timings, seg_trace,
-                                                       extend_to=raw_length - len(raw) if last else 0)
+                out, reference = self._synthesize(feats.to(self.device, self.network_dtype), seg_pitch, seg_pitchf,
+                                                  sid, params, rng, timings, seg_traces[k],
+                                                  extend_to=raw_length - len(raw) if last else 0)
                 if not np.isfinite(out).all():
                     raise InferenceError("the network produced non-finite audio")
                 reference_length += reference
@@ -3386,13 +3405,10 @@ class Converter:
         return rng
 
     @torch.no_grad()
-    def _convert_segment(self, segment: np.ndarray, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
-                         sid: torch.Tensor, params: ConversionParams, rng: torch.Generator,
-                         timings: Timings, trace: dict | None, extend_to: int = 0) -> tuple[np.ndarray, int]:
-        """One padded segment to audio at the model's rate (float32), trimmed by the padding
-        (X_PAD on both sides), which is not decoded at all (the trace gets it all), and the
-        samples of it the reference keeps. extend_to: give max(those, extend_to) samples,
-        decoding on into the right-hand padding where the reference stops short."""
+    def _segment_features(self, segment: np.ndarray, pitchf: torch.Tensor | None, params: ConversionParams,
+                          timings: Timings, trace: dict | None) -> torch.Tensor:
+        """One padded segment's content features, blended with the index, on the 10 ms frame
+        grid of its pitch and protected: the synthesizer's input (1, T, D)."""
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
         feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
@@ -3409,13 +3425,25 @@ class Converter:
         feats = torch.repeat_interleave(feats, FEATURE_REPEAT, dim=1)  # (1, 2T, D): 20 ms features to 10 ms frames
         p_len = min(len(segment) // HOP, feats.shape[1])
         feats = feats[:, :p_len]
+        if pitchf is not None and protect:
+            raw = torch.repeat_interleave(raw, FEATURE_REPEAT, dim=1)[:, :p_len]
+            feats = self._protect(feats, raw, pitchf[:, :p_len], params.protect)
+        timings.features += time.perf_counter() - start
+        return feats
+
+    @torch.no_grad()
+    def _synthesize(self, feats: torch.Tensor, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
+                    sid: torch.Tensor, params: ConversionParams, rng: torch.Generator,
+                    timings: Timings, trace: dict | None, extend_to: int = 0) -> tuple[np.ndarray, int]:
+        """One padded segment's features (1, T, D) and pitch to audio at the model's rate
+        (float32), trimmed by the padding (X_PAD on both sides), which is not decoded at all
+        (the trace gets it all), and the samples of it the reference keeps. extend_to: give
+        max(those, extend_to) samples, decoding on into the right-hand padding where the
+        reference stops short."""
+        start = time.perf_counter()
+        p_len = feats.shape[1]
         if pitch is not None:
             pitch, pitchf = pitch[:, :p_len], pitchf[:, :p_len]
-            if protect:
-                raw = torch.repeat_interleave(raw, FEATURE_REPEAT, dim=1)[:, :p_len]
-                feats = self._protect(feats, raw, pitchf, params.protect)
-        timings.features += time.perf_counter() - start
-        start = time.perf_counter()
         trim = X_PAD * FRAMES_PER_SECOND
         reference_end = max(trim, p_len - trim)  # the frames the reference keeps end here
         end = max(reference_end, min(p_len, trim + -(-extend_to // self.voice.hop)))
@@ -3765,7 +3793,7 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype, release_rmvpe=staged)
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype, staged=staged)
     run.report.update(
         output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,

@@ -557,7 +557,8 @@ def test_long_inputs_show_progress_on_a_terminal_and_never_in_a_pipe(models, tmp
     if stderr is io.StringIO:
         assert steps == [] and "converting" not in shown
     else:
-        assert steps == [("pitch", k, 3) for k in range(4)] + [("segment", k, 2) for k in range(3)], shown
+        assert steps == ([("pitch", k, 3) for k in range(4)] + [("features", k, 2) for k in range(3)]
+                         + [("segment", k, 2) for k in range(3)]), shown
 
 
 def test_four_conversions_side_by_side(models, speech, tmp_path):

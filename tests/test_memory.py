@@ -77,7 +77,7 @@ def test_weights_loaded_outside_the_heap_go_back_to_the_system_when_freed():
     assert rss_returned_by_freed_weights("compute") < 4  # the heap keeps what activations free
 
 
-def test_a_conversion_can_load_hubert_after_the_pitch_in_the_memory_rmvpe_leaves(tmp_path):
+def test_a_conversion_loads_hubert_after_the_pitch_and_drops_each_network_after_its_stage(tmp_path):
     import numpy as np
 
     import rvc_modulator as rvc
@@ -96,9 +96,10 @@ def test_a_conversion_can_load_hubert_after_the_pitch_in_the_memory_rmvpe_leaves
         loads.append(1)
         return rvc.load_hubert(hubert_file)
 
-    staged = rvc.Converter(voice, loader, rmvpe, release_rmvpe=True)
+    staged = rvc.Converter(voice, loader, rmvpe, staged=True)
     assert loads == []  # nothing loaded before the conversion needs it
     timings = rvc.Timings()
     samples, _ = staged.convert(audio, params, timings)
     assert np.array_equal(samples, eager)
     assert loads == [1] and staged.rmvpe is None and timings.load > 0
+    assert staged._hubert is loader  # dropped once every segment's features were made
