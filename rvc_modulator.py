@@ -1520,13 +1520,17 @@ RMVPE_FRAME_MULTIPLE = 32
 # Long inputs. The real net's activations take ~0.09 MB per frame: an hour (360,000 frames)
 # in one piece would need ~32 GB. Signals longer than RMVPE_MAX_UNCHUNKED_FRAMES run in
 # chunks of RMVPE_CHUNK_FRAMES, each with RMVPE_CONTEXT_FRAMES of real signal on both sides
-# that is cropped away afterwards (peak ~1 GB). The context covers the receptive field of
-# the real U-Net (about ±1590 frames), so in each chunk's core the U-Net output is the
-# whole-signal one; only the BiGRU starts 16 s early instead of at the signal's start.
+# that is cropped away afterwards. The context covers the receptive field of the real U-Net
+# (about ±1590 frames), so in each chunk's core the U-Net output is the whole-signal one;
+# only the BiGRU starts 16 s early instead of at the signal's start. A chunk with its
+# context is as long as the longest one-piece input, so the memory for the pitch stops
+# growing there: about 35 KB per frame with the real net, measured, so a minute's piece
+# holds ~280 MB (chunks of 8192 frames plus context, before, held ~170 MB more). Long
+# inputs pay for it in time: their pitch costs twice the one-piece computation.
 # Chunks and context are multiples of 32 frames so the pooling grid stays aligned.
-RMVPE_MAX_UNCHUNKED_FRAMES = 8192  # ~82 s: one piece, exactly as the reference
-RMVPE_CHUNK_FRAMES = 8192
+RMVPE_MAX_UNCHUNKED_FRAMES = 6400  # 64 s (a minute, padded): one piece, exactly as the reference
 RMVPE_CONTEXT_FRAMES = 1600  # 16 s each side
+RMVPE_CHUNK_FRAMES = RMVPE_MAX_UNCHUNKED_FRAMES - 2 * RMVPE_CONTEXT_FRAMES  # 32 s
 # Within a chunk, the U-Net's top levels (full and half time resolution, three quarters of
 # its memory per frame) run RMVPE_PIECE_FRAMES at a time: their convolutions see only a few
 # frames around each output (see RMVPEUNet), so pieces with that much context, cropped,
