@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -3226,28 +3227,44 @@ class Converter:
     HuBERT, the converter loads it after the pitch, and when `staged` it drops each network
     once its stage is done (RMVPE after the pitch, HuBERT after every segment's features);
     the networks then share their memory instead of adding it up (RMVPE 362 MB, HuBERT
-    379 MB in fp32). A service keeps them all loaded.
+    379 MB in fp32). Given also a `voice_loader`, a staged converter drops the voice
+    model's network until the synthesis and loads it again then (~130 MB less beside
+    RMVPE). A service keeps them all loaded.
     """
 
     def __init__(self, voice: "VoiceModel", hubert: "HubertEncoder | Callable[[], HubertEncoder]",
                  rmvpe: "RMVPE | None" = None, index: FeatureIndex | None = None,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-                 staged: bool = False):
+                 staged: bool = False, voice_loader: Callable[[], "VoiceModel"] | None = None):
         self.voice, self.index, self.device, self.dtype = voice, index, device, dtype
         self.staged = staged
-        if dtype == torch.bfloat16 and device.type == "cpu":
-            # Mixed precision: only the decoder's residual blocks in bf16. HuBERT and RMVPE in
-            # bf16 cost the output 10-30 dB of SNR against fp32 (the pitch's voicing flips)
-            # for a quarter of their time, a few percent of the whole.
-            self.net = voice.net.to(device).with_low_precision(dtype)
-            network_dtype = torch.float32
+        # Mixed precision on a CPU: only the decoder's residual blocks in bf16. HuBERT and
+        # RMVPE in bf16 cost the output 10-30 dB of SNR against fp32 (the pitch's voicing
+        # flips) for a quarter of their time, a few percent of the whole.
+        self.mixed = dtype == torch.bfloat16 and device.type == "cpu"
+        self.network_dtype = torch.float32 if self.mixed else dtype
+        self._voice_loader = voice_loader if staged else None
+        self.net: Synthesizer | None = None
+        if self._voice_loader is None:
+            self.net = self._placed_synthesizer(voice.net)
         else:
-            self.net = voice.net.to(device, dtype)
-            network_dtype = dtype
-        self.network_dtype = network_dtype
+            self.voice = dataclasses.replace(voice, net=None)  # its facts, without the network
         self._hubert = self._placed(hubert) if isinstance(hubert, nn.Module) else hubert
         self._hubert_loader = None if isinstance(hubert, nn.Module) else hubert  # what a drop goes back to
         self.rmvpe = self._placed(rmvpe) if rmvpe is not None else None
+
+    def _placed_synthesizer(self, net: Synthesizer) -> Synthesizer:
+        return net.to(self.device).with_low_precision(self.dtype) if self.mixed else net.to(self.device, self.dtype)
+
+    def _reload_voice(self, timings: Timings) -> None:
+        """The voice model's network, loaded again for the synthesis (staged, voice_loader)."""
+        start = time.perf_counter()
+        voice = self._voice_loader()
+        facts = ("version", "sample_rate", "has_f0", "n_speakers", "phone_dim")
+        if any(getattr(voice, name) != getattr(self.voice, name) for name in facts):
+            raise ModelFileError("the voice model changed on disk during the conversion", voice.path)
+        self.voice, self.net = voice, self._placed_synthesizer(voice.net)
+        timings.load += time.perf_counter() - start
 
     def _placed(self, module: nn.Module) -> nn.Module:
         """HuBERT or RMVPE on the device in the network dtype; in fp32, the weights that
@@ -3336,6 +3353,8 @@ class Converter:
                     progress("features", k + 1, len(bounds))
             if self.staged and self._hubert_loader is not None:
                 self._hubert = self._hubert_loader
+            if self.net is None:
+                self._reload_voice(timings)
             rng = self._rng(params.seed)
             sid = torch.tensor([params.speaker_id], device=self.device)
             raw = scratch.enter_context(SampleFile(np.float32, directory))  # the trimmed outputs, end to end
@@ -3797,7 +3816,8 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype, staged=staged)
+    reload = partial(load_voice_model, model_path, warn=lambda _: None)  # its warnings were given
+    converter = Converter(voice, hubert, rmvpe, index, device, dtype, staged=staged, voice_loader=reload)
     run.report.update(
         output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,

@@ -103,3 +103,37 @@ def test_a_conversion_loads_hubert_after_the_pitch_and_drops_each_network_after_
     assert np.array_equal(samples, eager)
     assert loads == [1] and staged.rmvpe is None and timings.load > 0
     assert staged._hubert is loader  # dropped once every segment's features were made
+
+
+def test_a_one_shot_conversion_loads_the_voice_network_again_after_the_pitch(tmp_path):
+    import numpy as np
+
+    import rvc_modulator as rvc
+    from conftest import speech_like
+    from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
+
+    voice_file = make_voice_model_file(tmp_path / "v.pth", version="v1", seed=1)
+    voice = rvc.load_voice_model(voice_file)
+    hubert = rvc.load_hubert(make_hubert_fairseq(tmp_path / "h.pt", hidden=64, layers=10, heads=4, ffn=128,
+                                                 conv_dim=32))
+    rmvpe = rvc.load_rmvpe(make_rmvpe_file(tmp_path / "r.pt"))
+    params = rvc.ConversionParams(f0_method="rmvpe", noise=False)
+    audio = speech_like(2.0)
+    eager, _ = rvc.Converter(voice, hubert, rmvpe).convert(audio, params)
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return rvc.load_voice_model(voice_file)
+
+    staged = rvc.Converter(voice, hubert, rmvpe, staged=True, voice_loader=loader)
+    assert staged.net is None and staged.voice.net is None and voice.net is not None  # the caller's is untouched
+    timings = rvc.Timings()
+    samples, _ = staged.convert(audio, params, timings)
+    assert np.array_equal(samples, eager) and loads == [1] and timings.load > 0
+
+    changed = rvc.Converter(voice, hubert, rmvpe, staged=True,
+                            voice_loader=lambda: rvc.load_voice_model(make_voice_model_file(
+                                tmp_path / "v2.pth", version="v2", seed=1)))
+    with pytest.raises(rvc.ModelFileError, match="changed on disk"):
+        changed.convert(audio, params)
