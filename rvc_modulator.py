@@ -3051,9 +3051,9 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #      features, blended with their nearest neighbours from the index (Retrieval),
 #      repeated to the 10 ms frame grid; consonant protection (every segment's features
 #      first, into a scratch file, so that HuBERT can go before the synthesizer runs);
-#      then segment by segment the synthesizer. Its output is trimmed by the context; the trimmed outputs tile the input. The reference's
-#      output ends up to 20 ms before the input does (the frame grid, and HuBERT's 20 ms
-#      frames); the last segment decodes on into its context until the input's end, so the
+#      then segment by segment the synthesizer. Its output is trimmed by the context; the
+#      trimmed outputs tile the input. The reference's output ends up to 20 ms before the
+#      input does (the frame grid, and HuBERT's 20 ms frames); the last segment decodes on into its context until the input's end, so the
 #      output lasts exactly as long as the input, and the reference's samples stay as they are.
 #   5. loudness_gain: the output's loudness envelope is moved towards the input's
 #      (rms_mix_rate), with the envelopes of the reference's length; optional resampling;
