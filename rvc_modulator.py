@@ -53,8 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -3053,8 +3052,9 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #      first, into a scratch file, so that HuBERT can go before the synthesizer runs);
 #      then segment by segment the synthesizer. Its output is trimmed by the context; the
 #      trimmed outputs tile the input. The reference's output ends up to 20 ms before the
-#      input does (the frame grid, and HuBERT's 20 ms frames); the last segment decodes on into its context until the input's end, so the
-#      output lasts exactly as long as the input, and the reference's samples stay as they are.
+#      input does (the frame grid, and HuBERT's 20 ms frames); the last segment decodes on
+#      into its context until the input's end, so the output lasts exactly as long as the
+#      input, and the reference's samples stay as they are.
 #   5. loudness_gain: the output's loudness envelope is moved towards the input's
 #      (rms_mix_rate), with the envelopes of the reference's length; optional resampling;
 #      int16 (to_int16, with the whole output's peak); cut to the input's duration.
@@ -3248,7 +3248,7 @@ class Converter:
         if self._voice_loader is None:
             self.net = self._placed_synthesizer(voice.net)
         else:
-            self.voice = dataclasses.replace(voice, net=None)  # its facts, without the network
+            self.voice = replace(voice, net=None)  # its facts, without the network
         self._hubert = self._placed(hubert) if isinstance(hubert, nn.Module) else hubert
         self._hubert_loader = None if isinstance(hubert, nn.Module) else hubert  # what a drop goes back to
         self.rmvpe = self._placed(rmvpe) if rmvpe is not None else None
