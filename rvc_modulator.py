@@ -695,7 +695,7 @@ def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sa
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 MMAP_MAX_DEFAULT = 65536  # glibc's own default for M_MMAP_MAX
 WEIGHT_MMAP_THRESHOLD = 1 << 20  # bytes: tensors from this size up are mapped while loading
-_MALLOPT: list[Callable[[int, int], int]] = []  # glibc's mallopt, once keep_freed_memory() set it up
+_GLIBC_MALLOC: dict[str, Callable[..., int]] = {}  # glibc's mallopt and malloc_trim, once keep_freed_memory() ran
 
 
 def keep_freed_memory() -> bool:
@@ -706,25 +706,36 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # the malloc this process runs on
+        libc = ctypes.CDLL(None)  # the malloc this process runs on
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return False
     if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         return False
-    _MALLOPT[:] = [mallopt]
+    _GLIBC_MALLOC.update(mallopt=mallopt, malloc_trim=malloc_trim)
     return True
 
 
+def release_freed_memory() -> None:
+    """Give the pages of the heap's free blocks back to the system (malloc_trim), once a
+    stage is over and its network dropped: the next stage's peak then does not stack on
+    memory the last one freed but kept (dropping the voice network: 60 MB, measured).
+    A no-op unless keep_freed_memory() is in effect."""
+    if _GLIBC_MALLOC:
+        _GLIBC_MALLOC["malloc_trim"](0)
+
+
 @contextlib.contextmanager
-def weights_outside_heap() -> Iterator[None]:
-    """While a model loads, large blocks are mapped (and unmapped when freed, whenever
-    that is); a no-op unless keep_freed_memory() is in effect. Not for concurrent use:
-    malloc's settings are the process's."""
-    if not _MALLOPT:
+def blocks_outside_heap(threshold: int = WEIGHT_MMAP_THRESHOLD) -> Iterator[None]:
+    """Meanwhile, blocks of `threshold` bytes and more are mapped (and unmapped when freed,
+    whenever that is): weights while a model loads, a stage's few long-lived large blocks
+    while the heap serves its many short-lived ones. A no-op unless keep_freed_memory() is
+    in effect. Not for concurrent use: malloc's settings are the process's."""
+    if not _GLIBC_MALLOC:
         yield
         return
-    mallopt = _MALLOPT[0]
-    mallopt(M_MMAP_THRESHOLD, WEIGHT_MMAP_THRESHOLD)
+    mallopt = _GLIBC_MALLOC["mallopt"]
+    mallopt(M_MMAP_THRESHOLD, threshold)
     mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
     try:
         yield
@@ -1467,7 +1478,7 @@ def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: P
         raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
 
 
-@weights_outside_heap()
+@blocks_outside_heap()
 def load_hubert(path: Path) -> HubertEncoder:
     """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
     path = Path(path)
@@ -1522,21 +1533,28 @@ RMVPE_FRAME_MULTIPLE = 32
 # chunks of RMVPE_CHUNK_FRAMES, each with RMVPE_CONTEXT_FRAMES of real signal on both sides
 # that is cropped away afterwards. The context covers the receptive field of the real U-Net
 # (about ±1590 frames), so in each chunk's core the U-Net output is the whole-signal one;
-# only the BiGRU starts 16 s early instead of at the signal's start. A chunk with its
-# context is as long as the longest one-piece input, so the memory for the pitch stops
-# growing there: about 35 KB per frame with the real net, measured, so a minute's piece
-# holds ~280 MB (chunks of 8192 frames plus context, before, held ~170 MB more). Long
-# inputs pay for it in time: their pitch costs twice the one-piece computation.
+# only the BiGRU starts 16 s early instead of at the signal's start. Every chunk's window
+# (the chunk and its context) is as long as the longest one-piece input, the first and the
+# last taking more context on their inner side: the memory for the pitch stops growing
+# there, and equal windows reuse each other's freed memory (a shorter first window left
+# ~130 MB of heap that the longer ones could not use, measured). Long inputs pay for it
+# in time: their pitch costs twice the one-piece computation.
 # Chunks and context are multiples of 32 frames so the pooling grid stays aligned.
 RMVPE_MAX_UNCHUNKED_FRAMES = 6400  # 64 s (a minute, padded): one piece, exactly as the reference
 RMVPE_CONTEXT_FRAMES = 1600  # 16 s each side
 RMVPE_CHUNK_FRAMES = RMVPE_MAX_UNCHUNKED_FRAMES - 2 * RMVPE_CONTEXT_FRAMES  # 32 s
-# Within a chunk, the U-Net's top levels (full and half time resolution, three quarters of
-# its memory per frame) run RMVPE_PIECE_FRAMES at a time: their convolutions see only a few
-# frames around each output (see RMVPEUNet), so pieces with that much context, cropped,
-# give the whole-chunk values, and the memory per frame falls from ~90 to ~40 KB.
+# Within a chunk, every level of the U-Net runs RMVPE_PIECE_FRAMES (of its own resolution)
+# at a time: a level's convolutions see only a few frames around each output (see
+# RMVPEUNet), so pieces with that much context, cropped, give the whole-chunk values. The
+# top level's output, the largest, is not even kept for the decoder: it is computed again,
+# piece by piece, where the decoder needs it (6 % more work). The mel's STFT runs in pieces
+# too. What stays whole per chunk (skips, the BiGRU's input and output) is mapped outside
+# the heap from RMVPE_MMAP_THRESHOLD up, so that the heap holds only the pieces, whose sizes
+# repeat. Measured over five 64 s windows: the pitch's peak 925 -> 789 MiB (1 s of audio
+# more per chunk, 5 %).
 RMVPE_PIECE_FRAMES = 512
-RMVPE_PIECEWISE_LEVELS = 2
+RMVPE_PIECEWISE_LEVELS = 5  # the top levels that run in pieces: all of RVC's five
+RMVPE_MMAP_THRESHOLD = 16 << 20  # bytes; twice the largest piece's blocks (the top level's concatenation)
 
 
 # The HTK mel scale in librosa's spelling. It is the scale of coarse pitch (1127 ln(1 + f/700),
@@ -1698,21 +1716,28 @@ class RMVPEDecoder(nn.Module):
 
 
 def in_time_pieces(fn: Callable[..., torch.Tensor], n_frames: int, context: int,
-                   inputs: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """fn over (B, C, T, F) tensors, RMVPE_PIECE_FRAMES output frames at a time.
+                   inputs: Sequence[tuple[torch.Tensor, int]], out_divisor: int = 1) -> torch.Tensor:
+    """fn over (B, C, T, F) tensors, RMVPE_PIECE_FRAMES frames at a time.
 
-    inputs: (tensor, divisor) pairs, a tensor holding n_frames // divisor frames on dim 2.
-    Each piece gets `context` output frames (a multiple of every divisor) on both sides,
-    cropped after: equal to fn on the whole when each output frame of fn depends only on
-    inputs within `context` frames of it (zero padding at the ends of the whole stays).
+    Frames are counted at the finest resolution, n_frames of them: inputs are (tensor,
+    divisor) pairs, a tensor holding n_frames // divisor frames on dim 2, and fn's output
+    holds n_frames // out_divisor. Each piece gets `context` frames (a multiple of every
+    divisor) on both sides, cropped after: equal to fn on the whole when each output frame
+    of fn depends only on inputs within `context` frames of it (zero padding at the ends
+    of the whole stays).
     """
-    pieces = []
+    out = None
     for start in range(0, n_frames, RMVPE_PIECE_FRAMES):
         stop = min(start + RMVPE_PIECE_FRAMES, n_frames)
         lo, hi = max(0, start - context), min(n_frames, stop + context)
         y = fn(*(x[:, :, lo // d: hi // d] for x, d in inputs))
-        pieces.append(y[:, :, start - lo: stop - lo])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        y = y[:, :, (start - lo) // out_divisor: (stop - lo) // out_divisor]
+        if stop - start == n_frames:
+            return y
+        if out is None:
+            out = y.new_empty(*y.shape[:2], n_frames // out_divisor, *y.shape[3:])
+        out[:, :, start // out_divisor: stop // out_divisor] = y
+    return out
 
 
 class RMVPEUNet(nn.Module):
@@ -1729,24 +1754,41 @@ class RMVPEUNet(nn.Module):
         """(B, C_in, T, 128) -> (B, en_out, T, 128), or head of that; T a multiple of 32.
 
         The encoder and decoder levels of the top RMVPE_PIECEWISE_LEVELS resolutions run in
-        time pieces (in_time_pieces), `head` (a 3×3 conv) with the top decoder level."""
-        x = self.encoder.bn(x)
-        skips = []
+        time pieces (in_time_pieces), `head` (a 3×3 conv) with the top decoder level. When
+        any level does, the top encoder level's output is not kept: its pooled output goes
+        down the U, and the top decoder level's pieces compute it again from the input."""
+        x_in = x = self.encoder.bn(x)
+        n_frames, pool, top = x.shape[2], self.encoder.pool, self.encoder.layers[0]
+        recompute_top = RMVPE_PIECEWISE_LEVELS > 0
+        skips: list[torch.Tensor | None] = []  # per level, (B, C, T', F') before pooling, for the decoder
         for level, encode in enumerate(self.encoder.layers):
+            if level == 0 and recompute_top:
+                x = in_time_pieces(lambda x: F.avg_pool2d(top(x), pool), n_frames, self.context, [(x, 1)],
+                                   out_divisor=2)
+                skips.append(None)
+                continue
             if level < RMVPE_PIECEWISE_LEVELS:
                 x = in_time_pieces(encode, x.shape[2], self.context, [(x, 1)])
             else:
                 x = encode(x)
-            skips.append(x)  # (B, C, T', F') before pooling, for the decoder
-            x = F.avg_pool2d(x, self.encoder.pool)
+            skips.append(x)
+            x = F.avg_pool2d(x, pool)
         x = self.intermediate(x)
         for decode, level in zip(self.decoder.layers, reversed(range(len(skips)))):  # from the bottom up
-            skip = skips[level]
+            skip, skips[level] = skips[level], None  # each skip is freed once used
+            if level == 0 and recompute_top:
+                # the top encoder level's receptive field (2·n_blocks frames) adds to this one's
+                def fn(low: torch.Tensor, x_in: torch.Tensor, decode=decode) -> torch.Tensor:
+                    y = decode(low, top(x_in))
+                    return y if head is None else head(y)
+                x = in_time_pieces(fn, n_frames, 2 * self.context, [(x, 2), (x_in, 1)])
+                continue
             fn = decode if level or head is None else (lambda low, skip, decode=decode: head(decode(low, skip)))
             if level < RMVPE_PIECEWISE_LEVELS:
                 x = in_time_pieces(fn, skip.shape[2], self.context, [(x, 2), (skip, 1)])
             else:
                 x = fn(x, skip)
+            del skip
         return x
 
 
@@ -1795,6 +1837,16 @@ class RMVPE(nn.Module):
         if n < 2:
             raise ValueError("RMVPE needs at least 2 samples")
         stop = 1 + n // HOP if stop is None else stop
+        if stop - start <= RMVPE_PIECE_FRAMES:
+            return self._log_mel(audio, start, stop)
+        out = torch.empty(RMVPE_N_MELS, stop - start, device=self.cnn.weight.device)
+        for a in range(start, stop, RMVPE_PIECE_FRAMES):  # (the STFT's temporaries: ~10 KB a frame)
+            b = min(a + RMVPE_PIECE_FRAMES, stop)
+            out[:, a - start: b - start] = self._log_mel(audio, a, b)
+        return out
+
+    def _log_mel(self, audio: Signal, start: int, stop: int) -> torch.Tensor:
+        """mel() of frames [start, stop) in one piece."""
         device = self.cnn.weight.device
         window = reflect_read(audio, start * HOP - RMVPE_N_FFT // 2, (stop - 1) * HOP + RMVPE_N_FFT // 2)
         samples = torch.from_numpy(np.asarray(window, dtype=np.float32)).to(device)
@@ -1813,7 +1865,8 @@ class RMVPE(nn.Module):
         """
         n_frames = mel.shape[-1]
         padded = F.pad(mel, (0, -n_frames % RMVPE_FRAME_MULTIPLE))  # (128, T')
-        salience = self(padded.unsqueeze(0).to(self.cnn.weight.dtype))  # (1, T', 360)
+        with blocks_outside_heap(RMVPE_MMAP_THRESHOLD):
+            salience = self(padded.unsqueeze(0).to(self.cnn.weight.dtype))  # (1, T', 360)
         return salience[0, :n_frames].float()
 
     def f0(self, audio16k: Signal, threshold: float = RMVPE_THRESHOLD, *,
@@ -1822,8 +1875,9 @@ class RMVPE(nn.Module):
         """Pitch of a 16 kHz signal (N,): (1 + N // 160,) float64 Hz, 0 where unvoiced.
 
         chunk_frames: process this many frames at a time (a multiple of 32), each chunk
-        with `context_frames` (a multiple of 32) of signal on both sides; None = in one
-        piece up to RMVPE_MAX_UNCHUNKED_FRAMES, else chunks of RMVPE_CHUNK_FRAMES.
+        in a window of chunk_frames + 2·context_frames (a multiple of 32) frames of the
+        signal around it (where the signal is that long); None = in one piece up to
+        RMVPE_MAX_UNCHUNKED_FRAMES, else chunks of RMVPE_CHUNK_FRAMES.
         progress: called ("pitch", done, total) as chunks start and end, when there are several.
         """
         n_frames = 1 + len(audio16k) // HOP
@@ -1833,11 +1887,14 @@ class RMVPE(nn.Module):
                                         or context_frames % RMVPE_FRAME_MULTIPLE):
             raise ValueError(f"chunk_frames and context_frames must be multiples of {RMVPE_FRAME_MULTIPLE}")
         f0, starts = [], range(0, n_frames, chunk_frames)
+        window = chunk_frames + 2 * context_frames
+        last_aligned = (n_frames - window) // RMVPE_FRAME_MULTIPLE * RMVPE_FRAME_MULTIPLE  # the last window's start
         if progress is not None and len(starts) > 1:
             progress("pitch", 0, len(starts))
         for start in starts:
             stop = min(start + chunk_frames, n_frames)
-            lo, hi = max(0, start - context_frames), min(n_frames, stop + context_frames)
+            lo = max(0, min(start - context_frames, last_aligned))
+            hi = min(n_frames, max(lo + window, stop + context_frames))  # (the last: up to 31 frames longer)
             salience = self.salience(self.mel(audio16k, lo, hi))[start - lo: stop - lo]  # (stop - start, 360)
             f0.append(decode_salience(salience.cpu().numpy(), threshold))
             if progress is not None and len(starts) > 1:
@@ -1895,7 +1952,7 @@ def rmvpe_config_from_state(state: Mapping[str, Any], path: Path) -> RMVPEConfig
     return cfg
 
 
-@weights_outside_heap()
+@blocks_outside_heap()
 def load_rmvpe(path: Path) -> RMVPE:
     """Load rmvpe.pt (any E2E size) as a float32 RMVPE in eval mode, refusing anything else."""
     path = Path(path)
@@ -1938,11 +1995,13 @@ FLOW_WN_LAYERS = 3  # WaveNet layers inside each coupling layer
 DECODER_CONV_KERNEL = 7  # kernel of the decoder's conv_pre and conv_post
 # The decoder runs long inputs in chunks of frames, each with context on both sides that is
 # dropped afterwards: its activations (about 50 KB per frame each, for 40 kHz) then stay
-# bounded, about 20 MB a chunk. The context covers the decoder's receptive field (about 11
+# bounded, about 10 MB a chunk. The context covers the decoder's receptive field (about 11
 # frames for the WebUI's configurations: conv_pre ±3, the first stage's widest resblock ±6,
 # the rest ±2). Measured on the v2 40k model: from 8 frames of context on, the chunks give
-# the one-piece output bit for bit; 4 frames leave 4e-5.
-DECODER_CHUNK_FRAMES = 400
+# the one-piece output bit for bit; 4 frames leave 4e-5. Chunks of 200 frames run as fast
+# as chunks of 400 (measured, fp32 and bf16: the extra context costs what the smaller
+# activations save in cache misses) and hold ~200 MB less at the peak of a 40 s segment.
+DECODER_CHUNK_FRAMES = 200
 DECODER_CONTEXT_FRAMES = 16
 SINE_AMP = 0.1  # amplitude of the NSF sine excitation
 NOISE_STD = 0.003  # std of the excitation's additive noise in voiced samples
@@ -2719,7 +2778,7 @@ def _json_safe(value: Any) -> Any:
         return str(value)
 
 
-@weights_outside_heap()
+@blocks_outside_heap()
 def load_voice_model(path: Path, warn: Warn = print_warning) -> VoiceModel:
     """Load and validate an RVC voice model (.pth); ModelFileError says what is wrong with it."""
     path = Path(path)
@@ -3319,6 +3378,8 @@ class Converter:
         with contextlib.ExitStack() as scratch:
             conditioned = scratch.enter_context(condition(audio, peak, directory, block))
             cuts = split_points(conditioned)
+            if self.staged:
+                release_freed_memory()  # what loading and conditioning left (e.g. the dropped voice network)
             audio_pad = ReflectPadded(conditioned, T_PAD)
             p_len = len(audio_pad) // HOP
             pitch = pitchf = None
@@ -3333,6 +3394,7 @@ class Converter:
                 timings.f0 += time.perf_counter() - start
             if self.staged:
                 self.rmvpe = None
+                release_freed_memory()
             bounds = segments(len(audio_pad), cuts)
             seg_traces = [None if trace is None else {} for _ in bounds]
             if trace is not None:
@@ -3353,6 +3415,7 @@ class Converter:
                     progress("features", k + 1, len(bounds))
             if self.staged and self._hubert_loader is not None:
                 self._hubert = self._hubert_loader
+                release_freed_memory()
             if self.net is None:
                 self._reload_voice(timings)
             rng = self._rng(params.seed)

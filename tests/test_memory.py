@@ -55,11 +55,13 @@ import torch
 assert rvc.keep_freed_memory()
 def rss_kb():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-loading = rvc.weights_outside_heap() if sys.argv[1] == "load" else rvc.contextlib.nullcontext()
+loading = rvc.blocks_outside_heap() if sys.argv[1] == "load" else rvc.contextlib.nullcontext()
 with loading:
     weights = torch.ones(16 * 2**20)
 before = rss_kb()
 del weights
+if sys.argv[1] == "release":
+    rvc.release_freed_memory()
 print(before - rss_kb())
 """
 
@@ -75,6 +77,12 @@ def rss_returned_by_freed_weights(mode: str) -> float:
 def test_weights_loaded_outside_the_heap_go_back_to_the_system_when_freed():
     assert rss_returned_by_freed_weights("load") > 60  # MB of the 64
     assert rss_returned_by_freed_weights("compute") < 4  # the heap keeps what activations free
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_memory_the_heap_kept_goes_back_to_the_system_when_a_stage_releases_it():
+    assert rss_returned_by_freed_weights("release") > 60  # MB of the 64, freed in the heap
+
 
 
 def test_a_conversion_loads_hubert_after_the_pitch_and_drops_each_network_after_its_stage(tmp_path):

@@ -124,7 +124,8 @@ def test_mel_filterbank_equals_librosa():
 
 
 def test_mel_equals_torch_stft_with_centred_frames(tiny):
-    audio = torch.from_numpy(glides_and_bursts(1.0))
+    audio = torch.from_numpy(glides_and_bursts(6.0))  # 601 frames: the mel is made in two pieces
+    assert 601 > rvc.RMVPE_PIECE_FRAMES
     spec = torch.stft(audio, 1024, 160, window=torch.hann_window(1024), center=True, return_complex=True)
     expected = torch.log(torch.clamp(torch.from_numpy(rvc.rmvpe_mel_filterbank()) @ spec.abs(), min=1e-5))
     torch.testing.assert_close(tiny.mel(audio), expected, rtol=0, atol=1e-5)
@@ -277,7 +278,23 @@ def test_longer_inputs_are_processed_in_chunks_with_context(tiny, monkeypatch):
     lengths.clear()
     tiny.f0(audio)  # chunks of 256 frames, each with up to RMVPE_CONTEXT_FRAMES on both sides
     n, c = 801, rvc.RMVPE_CONTEXT_FRAMES
-    assert lengths == [min(n, start + 256 + c) - max(0, start - c) for start in range(0, n, 256)]
+    assert lengths == [min(n, 256 + 2 * c)] * 4
+
+
+def test_every_chunk_gets_a_window_of_the_same_length(tiny, monkeypatch):
+    # Equal windows let each chunk reuse the memory the previous one freed; the first and
+    # the last window take more context on their inner side, on the 32-frame grid.
+    windows = []
+    salience = tiny.salience
+    monkeypatch.setattr(tiny, "salience", lambda mel: windows.append(mel.shape[1]) or salience(mel))
+    monkeypatch.setattr(tiny, "mel", lambda audio, lo, hi, mel=tiny.mel: windows.append((lo, hi)) or mel(audio, lo, hi))
+    audio = glides_and_bursts(12.0, seed=1)  # 1201 frames
+    f0 = tiny.f0(audio, chunk_frames=256, context_frames=64)  # windows of 384 frames
+    bounds = windows[::2]
+    assert bounds == [(0, 384), (192, 576), (448, 832), (704, 1088), (800, 1201)]
+    assert all(lo % 32 == 0 for lo, _ in bounds)
+    assert windows[1::2] == [hi - lo for lo, hi in bounds]
+    assert f0.shape == (1201,)
 
 
 def test_chunked_f0_agrees_with_unchunked_f0(tiny):
@@ -294,15 +311,31 @@ def test_chunked_f0_agrees_with_unchunked_f0(tiny):
     assert np.abs(chunked[both] - whole[both]).max() <= 0.01
 
 
-def test_the_top_levels_in_time_pieces_give_the_whole_signals_salience(tiny, monkeypatch):
+def test_the_levels_in_time_pieces_give_the_whole_signals_salience(tiny, monkeypatch):
     mel = tiny.mel(glides_and_bursts(6.0, seed=2))  # 601 frames
+    levels = rvc.RMVPE_PIECEWISE_LEVELS
     monkeypatch.setattr(rvc, "RMVPE_PIECEWISE_LEVELS", 0)
     whole = tiny.salience(mel)
-    monkeypatch.setattr(rvc, "RMVPE_PIECEWISE_LEVELS", 2)
-    monkeypatch.setattr(rvc, "RMVPE_PIECE_FRAMES", 64)  # 10 pieces at the top level, 5 below it
+    monkeypatch.setattr(rvc, "RMVPE_PIECEWISE_LEVELS", levels)
+    monkeypatch.setattr(rvc, "RMVPE_PIECE_FRAMES", 64)  # 10 pieces at the top level, then 5, 3, 2
     torch.testing.assert_close(tiny.salience(mel), whole, rtol=0, atol=1e-6)
     monkeypatch.setattr(tiny.unet, "context", 0)  # without context the piece edges show: the check can fail
     assert (tiny.salience(mel) - whole).abs().max() > 1e-4
+
+
+def test_rmvpe_maps_its_whole_chunk_tensors_outside_the_heap(tiny, monkeypatch):
+    # The pieces' blocks stay in the heap (their sizes repeat); the tensors of a whole chunk
+    # are mapped, so that chunks after the first do not grow the heap around them.
+    thresholds = []
+    real = rvc.blocks_outside_heap
+
+    def recording(threshold=rvc.WEIGHT_MMAP_THRESHOLD):
+        thresholds.append(threshold)
+        return real(threshold)
+    monkeypatch.setattr(rvc, "blocks_outside_heap", recording)
+    tiny.f0(glides_and_bursts(1.0))
+    assert thresholds == [rvc.RMVPE_MMAP_THRESHOLD]
+    assert rvc.RMVPE_MMAP_THRESHOLD > 8 * 2**20  # above the top level's blocks of a 512-frame piece
 
 
 def test_chunk_sizes_must_keep_the_32_frame_grid(tiny):

@@ -93,8 +93,11 @@ def test_the_conversion_is_the_same_whatever_the_size_of_its_pieces(tiny_models,
     params = rvc.ConversionParams(f0_method="rmvpe", rms_mix_rate=0.4, resample_sr=44100, noise=False)
     converter = rvc.Converter(tiny_models["voice"], tiny_models["hubert"], tiny_models["rmvpe"])
     trace: list = []
-    whole, rate = converter.convert(audio, params, trace=trace)
+    converter.convert(audio, params, trace=trace)
     assert len(trace) >= 4  # several segments
+    # (Not the traced run's output: a trace decodes the padding too, in other decoder chunks,
+    # whose float rounding may move a sample by one step.)
+    whole, rate = converter.convert(audio, params)
     monkeypatch.setattr(rvc, "MIX_PIECE", 10_000)
     pieces = np.concatenate(list(converter.stream(audio, params, block=20_000)))
     assert rate == 44100 and len(whole) > 13 * rate
