@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -3147,12 +3147,19 @@ MIX_PIECE = 1 << 18  # output samples re-levelled per pass (6.5 s at 40 kHz)
 
 @dataclass
 class Timings:
-    """Seconds spent per stage, reported by --json."""
+    """Seconds spent per stage, reported by --json in this order, with `other` (what no stage
+    claims: option checks, the run's own bookkeeping) and `total`, their sum."""
 
+    read: float = 0.0  # decoding the input to 16 kHz mono
     load: float = 0.0
+    condition: float = 0.0  # high-pass filter (scipy's import included) and segment cuts
     f0: float = 0.0
     features: float = 0.0  # HuBERT and retrieval
     synthesis: float = 0.0
+    postprocess: float = 0.0  # loudness mixing, resampling, int16, writing the output file
+
+    def stages(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
 
 
 def highpass_coefficients() -> tuple[np.ndarray, np.ndarray]:
@@ -3384,8 +3391,10 @@ class Converter:
             length = output_length(len(audio), SAMPLE_RATE, self.output_rate_for(params))
         raw_length = output_length(len(audio), SAMPLE_RATE, self.output_rate)  # the input's, at the model rate
         with contextlib.ExitStack() as scratch:
+            start = time.perf_counter()
             conditioned = scratch.enter_context(condition(audio, peak, directory, block))
             cuts = split_points(conditioned)
+            timings.condition += time.perf_counter() - start
             if self.staged:
                 release_freed_memory()  # what loading and conditioning left (e.g. the dropped voice network)
             audio_pad = ReflectPadded(conditioned, T_PAD)
@@ -3503,9 +3512,10 @@ class Converter:
                           timings: Timings, trace: dict | None) -> torch.Tensor:
         """One padded segment's content features, blended with the index, on the 10 ms frame
         grid of its pitch and protected: the synthesizer's input (1, T, D)."""
+        hubert = self.hubert(timings)  # (its loading is load time, not feature time)
         start = time.perf_counter()
         wave = torch.from_numpy(segment).to(self.device, self.dtype)[None]  # (1, N)
-        feats = self.hubert(timings).extract(wave, self.voice.version)  # (1, T, D)
+        feats = hubert.extract(wave, self.voice.version)  # (1, T, D)
         protect = self.voice.has_f0 and params.protect < PROTECT_OFF
         raw = feats
         if trace is not None:
@@ -3854,10 +3864,12 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     configure_onednn_cache(dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    timings = Timings()
+    start = time.perf_counter()
     audio = read_input_audio(Path(args.input), run.warn, directory=output.parent)
     run.state.owned.enter_context(audio.samples)
+    timings.read = time.perf_counter() - start
 
-    timings = Timings()
     start = time.perf_counter()
     voice = run.load("voice", model_path, partial(load_voice_model, model_path))
     if args.speaker_id >= voice.n_speakers:
@@ -3934,14 +3946,18 @@ def convert(run: Run) -> int:
     rate = converter.output_rate_for(params)
     blocks = converter.stream(audio.samples, params, timings, progress if long_input else None,
                               peak=audio.peak, directory=output.parent, length=audio.length_at(rate))
+    start, counted = time.perf_counter(), timings.stages()
     try:
         frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
+    sha256 = file_sha256(output)
+    # The stream ran inside the write and timed its own stages; the rest of the write is post-processing.
+    timings.postprocess += time.perf_counter() - start - (timings.stages() - counted)
     total = time.perf_counter() - run.state.started
     run.report.update(sample_rate=rate, output_duration=round(frames / rate, 6),
                       rtf=round((total - timings.load) / audio.duration, 6), peak_rss_mb=peak_rss_mb(),
-                      output_sha256=file_sha256(output))
+                      output_sha256=sha256)
     if converter.index is not None:
         run.report.update(index_vectors=int(converter.index.index.ntotal), index_dim=int(converter.index.index.d),
                           index_nprobe=getattr(converter.index.index, "nprobe", None))
@@ -3957,8 +3973,8 @@ def report_object(state: RunState, run: Run | None, code: int, error: RVCError |
         report.update(run.report)
         if isinstance(report.get("timings"), Timings):
             t: Timings = report["timings"]
-            report["timings"] = {"load": t.load, "f0": t.f0, "features": t.features, "synthesis": t.synthesis,
-                                 "total": time.perf_counter() - state.started}
+            total = time.perf_counter() - state.started
+            report["timings"] = {**asdict(t), "other": max(0.0, total - t.stages()), "total": total}
     if error is not None:
         report.update(error=error.kind, message=str(error))
     report["warnings"] = list(state.warnings)
