@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
            help="transpose by N semitones (default %(default)s)")
     option("f0_method", choices=F0_METHODS, default=None,
-           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest)")
+           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest; crepe is for a GPU: "
+                "on a CPU it takes about ten times the rest of the conversion)")
     option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
            help=f"share of retrieved features, 0..1 (default {defaults.index_rate}; needs --index_name)")
     option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
@@ -3876,6 +3877,9 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
                          "--speaker_id")
     method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
+    if method == "crepe" and device.type == "cpu":  # measured: 34.6 s of pitch for 3 s of audio
+        run.warn("--f0_method crepe is slow on a CPU (about ten times the rest of the conversion); "
+                 "rmvpe or harvest are much faster")
     if index_path is None and args.index_rate is not None:
         run.warn("--index_rate has no effect without --index_name")
     index = None

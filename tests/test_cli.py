@@ -206,6 +206,15 @@ def test_index_rate_without_an_index_is_a_warning_not_an_error(models, speech, t
     assert any("--index_name" in w for w in json.loads(result.stdout)["warnings"])
 
 
+def test_crepe_on_a_cpu_gets_a_warning_that_it_is_slow(models, speech, tmp_path):
+    result = convert(models, speech, tmp_path / "o.wav", "--f0_method", "crepe", "--device", "cpu", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "crepe is slow on a CPU" in result.stderr
+    assert any("crepe is slow" in w for w in json.loads(result.stdout)["warnings"])
+    quiet = convert(models, speech, tmp_path / "o.wav", "--f0_method", "harvest", "--check")
+    assert "slow" not in quiet.stderr  # the check can fail: only crepe is warned about
+
+
 def test_an_existing_output_file_is_replaced_whole(models, speech, tmp_path):
     out = tmp_path / "out.wav"
     out.write_bytes(b"old")
