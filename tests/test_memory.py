@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -84,64 +85,66 @@ def test_memory_the_heap_kept_goes_back_to_the_system_when_a_stage_releases_it()
     assert rss_returned_by_freed_weights("release") > 60  # MB of the 64, freed in the heap
 
 
-
-def test_a_conversion_loads_hubert_after_the_pitch_and_drops_each_network_after_its_stage(tmp_path):
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def tiny_conversion(tmp_path_factory) -> SimpleNamespace:
+    """Small model files, the networks loaded from them, and a 2 s input converted with
+    everything loaded at once (the output a staged conversion must equal)."""
     import rvc_modulator as rvc
     from conftest import speech_like
     from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
 
-    voice = rvc.load_voice_model(make_voice_model_file(tmp_path / "v.pth", version="v1", seed=1))
-    hubert_file = make_hubert_fairseq(tmp_path / "h.pt", hidden=64, layers=10, heads=4, ffn=128, conv_dim=32)
-    rmvpe = rvc.load_rmvpe(make_rmvpe_file(tmp_path / "r.pt"))
-    params = rvc.ConversionParams(f0_method="rmvpe", noise=False)
-    audio = speech_like(2.0)
-    eager, _ = rvc.Converter(voice, rvc.load_hubert(hubert_file), rmvpe).convert(audio, params)
+    root = tmp_path_factory.mktemp("staged")
+    voice_file = make_voice_model_file(root / "v.pth", version="v1", seed=1)
+    hubert_file = make_hubert_fairseq(root / "h.pt", hidden=64, layers=10, heads=4, ffn=128, conv_dim=32)
+    tiny = SimpleNamespace(voice_file=voice_file, voice=rvc.load_voice_model(voice_file), hubert_file=hubert_file,
+                           hubert=rvc.load_hubert(hubert_file), rmvpe=rvc.load_rmvpe(make_rmvpe_file(root / "r.pt")),
+                           params=rvc.ConversionParams(f0_method="rmvpe", noise=False), audio=speech_like(2.0))
+    tiny.eager, _ = rvc.Converter(tiny.voice, tiny.hubert, tiny.rmvpe).convert(tiny.audio, tiny.params)
+    return tiny
+
+
+def test_a_conversion_loads_hubert_after_the_pitch_and_drops_each_network_after_its_stage(tiny_conversion):
+    import numpy as np
+
+    import rvc_modulator as rvc
+
+    t = tiny_conversion
     loads = []
 
     def loader():
         loads.append(1)
-        return rvc.load_hubert(hubert_file)
+        return rvc.load_hubert(t.hubert_file)
 
-    staged = rvc.Converter(voice, loader, rmvpe, staged=True)
+    staged = rvc.Converter(t.voice, loader, t.rmvpe, staged=True)
     assert loads == []  # nothing loaded before the conversion needs it
     timings = rvc.Timings()
-    samples, _ = staged.convert(audio, params, timings)
-    assert np.array_equal(samples, eager)
+    samples, _ = staged.convert(t.audio, t.params, timings)
+    assert np.array_equal(samples, t.eager)
     assert loads == [1] and staged.rmvpe is None and timings.load > 0
     assert staged._hubert is loader  # dropped once every segment's features were made
 
 
-def test_a_one_shot_conversion_loads_the_voice_network_again_after_the_pitch(tmp_path):
+def test_a_one_shot_conversion_loads_the_voice_network_again_after_the_pitch(tiny_conversion, tmp_path):
     import numpy as np
 
     import rvc_modulator as rvc
-    from conftest import speech_like
-    from factories import make_hubert_fairseq, make_rmvpe_file, make_voice_model_file
+    from factories import make_voice_model_file
 
-    voice_file = make_voice_model_file(tmp_path / "v.pth", version="v1", seed=1)
-    voice = rvc.load_voice_model(voice_file)
-    hubert = rvc.load_hubert(make_hubert_fairseq(tmp_path / "h.pt", hidden=64, layers=10, heads=4, ffn=128,
-                                                 conv_dim=32))
-    rmvpe = rvc.load_rmvpe(make_rmvpe_file(tmp_path / "r.pt"))
-    params = rvc.ConversionParams(f0_method="rmvpe", noise=False)
-    audio = speech_like(2.0)
-    eager, _ = rvc.Converter(voice, hubert, rmvpe).convert(audio, params)
+    t = tiny_conversion
     loads = []
 
     def loader():
         loads.append(1)
-        return rvc.load_voice_model(voice_file)
+        return rvc.load_voice_model(t.voice_file)
 
-    staged = rvc.Converter(voice, hubert, rmvpe, staged=True, voice_loader=loader)
-    assert staged.net is None and staged.voice.net is None and voice.net is not None  # the caller's is untouched
+    staged = rvc.Converter(t.voice, t.hubert, t.rmvpe, staged=True, voice_loader=loader)
+    assert staged.net is None and staged.voice.net is None and t.voice.net is not None  # the caller's is untouched
     timings = rvc.Timings()
-    samples, _ = staged.convert(audio, params, timings)
-    assert np.array_equal(samples, eager) and loads == [1] and timings.load > 0
+    samples, _ = staged.convert(t.audio, t.params, timings)
+    assert np.array_equal(samples, t.eager) and loads == [1] and timings.load > 0
 
-    changed = rvc.Converter(voice, hubert, rmvpe, staged=True,
+    changed = rvc.Converter(t.voice, t.hubert, t.rmvpe, staged=True,
                             voice_loader=lambda: rvc.load_voice_model(make_voice_model_file(
                                 tmp_path / "v2.pth", version="v2", seed=1)))
     with pytest.raises(rvc.ModelFileError, match="changed on disk"):
-        changed.convert(audio, params)
+        changed.convert(t.audio, t.params)
