@@ -3086,6 +3086,48 @@ def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
     return FeatureIndex(path, index, np.ascontiguousarray(vectors, dtype=np.float32))
 
 
+# Every faiss index file starts with a four-character code (IVF types "Iw..", e.g. "IwFl"
+# for the WebUI's IVF-Flat) and the same header, little-endian and unpadded: d (int32),
+# ntotal (int64), two int64 placeholders of 2**20, is_trained (bool), metric (int32); an
+# IVF index goes on with nlist and nprobe (uint64). A listing reads only these bytes: a
+# large index takes seconds and hundreds of MB to load whole.
+INDEX_HEADER = struct.Struct("<4siqqq?i")
+INDEX_IVF_HEADER = struct.Struct("<QQ")
+INDEX_HEADER_PLACEHOLDER = 1 << 20
+
+
+@dataclass
+class IndexHeader:
+    """What an index file says about itself: feature size, vectors and (IVF) inverted lists."""
+
+    dim: int
+    vectors: int
+    nlist: int | None  # None: not an IVF index
+    nprobe: int | None
+
+
+def read_index_header(path: Path) -> IndexHeader:
+    """The header of a faiss index file, without loading the index."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(INDEX_HEADER.size + 4 + INDEX_IVF_HEADER.size)  # +4: a metric argument
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the index ({exc.strerror})", path) from exc
+    if len(head) < INDEX_HEADER.size:
+        raise ModelFileError("not a faiss index (too short)", path)
+    code, dim, vectors, hold1, hold2, _, metric = INDEX_HEADER.unpack_from(head)
+    if not (code[:1] == b"I" and code.isalnum() and dim > 0 and vectors >= 0
+            and hold1 == hold2 == INDEX_HEADER_PLACEHOLDER):
+        raise ModelFileError("not a faiss index", path)
+    nlist = nprobe = None
+    if code.startswith(b"Iw"):
+        offset = INDEX_HEADER.size + (4 if metric > 1 else 0)  # metrics past L2 and inner product carry an argument
+        if len(head) < offset + INDEX_IVF_HEADER.size:
+            raise ModelFileError("not a faiss index (truncated header)", path)
+        nlist, nprobe = INDEX_IVF_HEADER.unpack_from(head, offset)
+    return IndexHeader(dim, vectors, nlist, nprobe)
+
+
 def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
     """Each feature's k nearest stored features (squared L2 distance d², as faiss's IVF-Flat
     returns it), averaged with weights 1/d⁴ normalised to sum 1: (T, D) -> (T, D)."""
@@ -3815,20 +3857,38 @@ def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
         n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
 
 
+def index_summaries(folder: Path) -> list[dict]:
+    """Every index file in a folder, from its header: name, dim, vectors, nlist (or an error)."""
+    entries = []
+    for path in sorted(folder.glob("*.index")):
+        try:
+            header = read_index_header(path)
+            entries.append({"name": path.stem, "dim": header.dim, "vectors": header.vectors, "nlist": header.nlist})
+        except RVCError as exc:
+            entries.append({"name": path.stem, "error": str(exc)})
+    return entries
+
+
 def list_models(run: Run) -> int:
+    """Every voice model with the indexes named for it (`indexes`, the WebUI's pairing) and
+    every index it can use (`fitting_indexes`: its feature size, not empty), whatever their
+    names; and every index file, from its header."""
     folder = run.paths.models_dir / VOICE_SUBDIR
     if not folder.is_dir():
         raise NotFoundError("no voice model folder", folder)
-    indexes = [p.stem for p in folder.glob("*.index")]
+    indexes = index_summaries(folder)
     models = []
     for path in sorted(folder.glob("*.pth")):
         try:
-            entry = _model_summary(run.load("voice", path, partial(load_voice_model, path)), path.stem)
+            voice = run.load("voice", path, partial(load_voice_model, path))
+            entry = _model_summary(voice, path.stem)
+            entry["fitting_indexes"] = [i["name"] for i in indexes
+                                        if i.get("dim") == voice.phone_dim and i.get("vectors")]
         except RVCError as exc:
             entry = {"name": path.stem, "error": str(exc)}
-        entry["indexes"] = matching_indexes(path.stem, indexes)
+        entry["indexes"] = matching_indexes(path.stem, [i["name"] for i in indexes])
         models.append(entry)
-    run.report.update(models_dir=str(run.paths.models_dir), models=models)
+    run.report.update(models_dir=str(run.paths.models_dir), models=models, indexes=indexes)
     if not run.args.json:
         for m in models:
             if "error" in m:
@@ -3836,6 +3896,10 @@ def list_models(run: Run) -> int:
             else:
                 print(f"{m['name']}\t{m['version']}\t{m['sample_rate']} Hz\t{'f0' if m['f0'] else 'no-f0'}\t"
                       f"{m['speakers']} speaker(s)\tindex: {', '.join(m['indexes']) or '-'}")
+        for i in indexes:
+            facts = (f"unusable: {i['error']}" if "error" in i else
+                     f"{i['dim']}-dim\t{i['vectors']} vectors\t{i['nlist'] or '-'} lists")
+            print(f"{i['name']}.index\t{facts}")
     return EXIT_OK
 
 

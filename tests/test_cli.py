@@ -490,6 +490,20 @@ def test_list_models_reports_every_model_with_its_indexes(models):
     assert not (models / "PWNED").exists()
 
 
+def test_list_models_lists_every_index_and_which_fit_each_model(models):
+    """A service can offer an index named unlike its model: every index file, from its
+    header, and for each model those of its feature size."""
+    report = json.loads(run_cli("--list_models", "--json", "--models_dir", models).stdout)
+    indexes = {i["name"]: i for i in report["indexes"]}
+    assert indexes["voice"] == {"name": "voice", "dim": 256, "vectors": 400, "nlist": 4}
+    assert indexes["wrong_dim"]["dim"] == 768
+    assert "not a faiss index" in indexes["corrupt"]["error"]
+    listed = {m["name"]: m for m in report["models"]}
+    assert listed["voice"]["fitting_indexes"] == ["voice"]  # v1: 256-dim, so not wrong_dim (768)
+    text = run_cli("--list_models", "--models_dir", models).stdout
+    assert "voice.index\t256-dim\t400 vectors\t4 lists" in text.splitlines()
+
+
 def test_info_describes_one_model_in_text_and_json(models):
     text = run_cli("--info", "voice", "--models_dir", models)
     assert text.returncode == 0 and "sample_rate: 40000" in text.stdout
