@@ -207,6 +207,8 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "seed": (int, 0, 2**63 - 1),
     "threads": (int, 1, 1024),
     "cache_models": (int, 1, 1024),
+    "start": (float, 0.0, 1e7),  # seconds into the input
+    "duration": (float, 1e-3, 1e7),  # seconds
 }
 DEFAULT_CACHE_MODELS = 4  # --serve: voice models (and as many indexes) kept loaded
 
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
            help="output sample rate; 0 keeps the model's (default %(default)s)")
     option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=defaults.speaker_id, metavar="N",
            help="speaker of a multi-speaker model (default %(default)s)")
+    option("start", type=_ranged("start"), default=0.0, metavar="SECONDS",
+           help="convert from this point of the input on (default 0)")
+    option("duration", type=_ranged("duration"), default=None, metavar="SECONDS",
+           help="convert only this much of the input (default: to its end)")
     option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
     option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
@@ -469,8 +475,20 @@ class InputAudio:
         return output_length(self.source_frames, self.source_rate, rate)
 
 
-def _decoded_blocks(path: Path) -> tuple[Iterator[np.ndarray], int, int]:
-    """Decode any audio file as (blocks of (frames, channels) float32, rate, channels)."""
+def region_frames(total: int, rate: int, start: float = 0.0, duration: float | None = None) -> tuple[int, int]:
+    """--start and --duration (seconds) as (first frame, frames) of a file of `total` frames
+    at `rate`; a duration past the file's end is cut there."""
+    first = round(start * rate)
+    if first >= total:
+        raise UsageError(f"--start {start:g} s is at or past the end of the input ({total / rate:.3f} s)", "--start")
+    count = total - first if duration is None else max(1, round(duration * rate))
+    return first, min(count, total - first)
+
+
+def _decoded_blocks(path: Path, start: float = 0.0,
+                    duration: float | None = None) -> tuple[Iterator[np.ndarray], int, int, int]:
+    """Decode an audio file, or the region of it from `start` lasting `duration` seconds,
+    as (blocks of (frames, channels) float32, rate, channels, frames in the whole file)."""
     import soundfile as sf
 
     try:
@@ -485,21 +503,38 @@ def _decoded_blocks(path: Path) -> tuple[Iterator[np.ndarray], int, int]:
                 data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
         except Exception:
             raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
-        data = np.ascontiguousarray(np.atleast_2d(data).T, dtype=np.float32)  # librosa gives (channels, frames)
-        return iter([data]), int(rate), data.shape[1]
+        data = np.atleast_2d(data).T  # librosa gives (channels, frames)
+        total = len(data)
+        first, count = region_frames(total, int(rate), start, duration) if total else (0, 0)
+        data = np.ascontiguousarray(data[first:first + count], dtype=np.float32)  # (frames, channels)
+        return iter([data]), int(rate), data.shape[1], total
+
+    total, count = handle.frames, None  # None: to the end, however long (a header's count may be off)
+    if start or duration is not None:
+        try:
+            first, count = region_frames(total, handle.samplerate, start, duration) if total else (0, 0)
+            if first:
+                handle.seek(first)
+        except BaseException:
+            handle.close()
+            raise
 
     def blocks() -> Iterator[np.ndarray]:
+        left = count
         with handle:
             try:
-                while True:
-                    block = handle.read(READ_BLOCK, dtype="float32", always_2d=True)
+                while left is None or left > 0:
+                    block = handle.read(READ_BLOCK if left is None else min(READ_BLOCK, left), dtype="float32",
+                                        always_2d=True)
                     if not len(block):
                         return
+                    if left is not None:
+                        left -= len(block)
                     yield block
             except (RuntimeError, sf.LibsndfileError, ValueError, EOFError) as exc:
                 raise InputAudioError(f"cannot decode audio: {_first_line(exc)}", path) from exc
 
-    return blocks(), int(handle.samplerate), int(handle.channels)
+    return blocks(), int(handle.samplerate), int(handle.channels), total
 
 
 class Resampler:
@@ -550,9 +585,11 @@ def downmix(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1, dtype=np.float32)
 
 
-def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | None = None) -> InputAudio:
-    """Read an input file as the pipeline wants it: mono float32 at 16 kHz, decoded,
-    mixed down and resampled a block at a time into a SampleFile (in `directory`).
+def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | None = None,
+                     start: float = 0.0, duration: float | None = None) -> InputAudio:
+    """Read an input file (or the region of it from `start` lasting `duration` seconds) as
+    the pipeline wants it: mono float32 at 16 kHz, decoded, mixed down and resampled a
+    block at a time into a SampleFile (in `directory`).
 
     Channels are mixed down as the WebUI's ffmpeg does, other rates resampled.
     Empty, non-finite or undecodable input is an InputAudioError.
@@ -562,7 +599,7 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
         raise InputAudioError("input file not found", path)
     if path.is_dir():
         raise InputAudioError("input is a directory, not an audio file", path)
-    blocks, rate, channels = _decoded_blocks(path)
+    blocks, rate, channels, total = _decoded_blocks(path, start, duration)
     resampler = Resampler(rate, SAMPLE_RATE) if rate != SAMPLE_RATE else None
     samples = SampleFile(np.float32, directory)
     frames = clipped = 0
@@ -594,6 +631,8 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
         warn(f"mixed {channels} channels down to mono")
     if resampler:
         warn(f"resampled the input from {rate} Hz to {SAMPLE_RATE} Hz")
+    if duration is not None and frames < round(duration * rate):
+        warn(f"the input ends {frames / rate:.3f} s after --start: converting that, not --duration {duration:g} s")
     return InputAudio(samples, rate, channels, frames / rate, peak, frames)
 
 
@@ -3931,7 +3970,8 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         torch.set_num_threads(args.threads)
     timings = Timings()
     start = time.perf_counter()
-    audio = read_input_audio(Path(args.input), run.warn, directory=output.parent)
+    audio = read_input_audio(Path(args.input), run.warn, directory=output.parent, start=args.start,
+                             duration=args.duration)
     run.state.owned.enter_context(audio.samples)
     timings.read = time.perf_counter() - start
 
@@ -3975,6 +4015,9 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
         f0_method=method, device=str(device), threads=torch.get_num_threads(), precision=precision_name(dtype),
         input_duration=round(audio.duration, 6), input_sample_rate=audio.source_rate,
         input_channels=audio.source_channels, timings=timings)
+    if args.start or args.duration is not None:  # the region converted, to the input's sample
+        run.report["region"] = {"start": round(round(args.start * audio.source_rate) / audio.source_rate, 6),
+                                "duration": round(audio.duration, 6)}
     return converter, audio, params
 
 

@@ -92,3 +92,14 @@ def speech_like(seconds: float, sr: int = 16000, f0: float = 140.0, seed: int = 
     consonants = rng.standard_normal(len(t)) * (np.sin(2 * np.pi * 3 * t + np.pi) > 0.9)
     y = voice * syllables + 0.3 * consonants
     return (0.5 * y / np.abs(y).max()).astype(np.float32)
+
+
+def run_main(capsys, *args) -> tuple[int, dict, str]:
+    """The CLI in this process (no torch import to wait for): (exit code, its --json
+    report, its stderr). `args` must include --json."""
+    import rvc_modulator as rvc
+
+    capsys.readouterr()
+    code = rvc.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, json.loads(out), err

@@ -498,3 +498,22 @@ def make_rmvpe_file(path: Path, size: str = "tiny", seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(make_rmvpe_state(size, seed), path)
     return path
+
+
+def make_models_folder(root: Path) -> Path:
+    """A models folder as the README lays it out, with tiny random networks: voice (v1
+    40k, pitch) with its index voice.index, plain (v1 32k, no pitch), HuBERT and RMVPE."""
+    import faiss
+    import numpy as np
+
+    (root / "rvc").mkdir(parents=True)
+    make_voice_model_file(root / "rvc" / "voice.pth", version="v1", sample_rate=40000, f0=True, seed=1)
+    make_voice_model_file(root / "rvc" / "plain.pth", version="v1", sample_rate=32000, f0=False, seed=2)
+    make_hubert_fairseq(root / "hubert_base.pt", hidden=64, layers=10, heads=4, ffn=128, conv_dim=32, seed=3)
+    make_rmvpe_file(root / "rmvpe.pt", size="tiny", seed=4)
+    vectors = np.random.default_rng(5).standard_normal((400, 256)).astype(np.float32)
+    index = faiss.index_factory(256, "IVF4,Flat")
+    index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(root / "rvc" / "voice.index"))
+    return root
