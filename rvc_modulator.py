@@ -130,6 +130,11 @@ class InferenceError(RVCError):
     exit_code, kind = EXIT_INFERENCE, "inference"
 
 
+class UnstableOutput(InferenceError):
+    """The network gave non-finite audio, or silence for an input that is not silent: in
+    reduced precision worth one more try in fp32, never written as a success."""
+
+
 class OutputError(RVCError):
     exit_code, kind = EXIT_OUTPUT, "output"
 
@@ -451,6 +456,11 @@ class ReflectPadded(SlicedSignal):
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, _ = index.indices(len(self))
         return reflect_read(self.signal, start - self.pad, max(start, stop) - self.pad)
+
+
+def signal_peak(signal: Signal, block: int) -> float:
+    """max |sample| of a signal, read `block` samples at a time."""
+    return max((float(np.abs(signal[i:i + block]).max()) for i in range(0, len(signal), block)), default=0.0)
 
 
 def output_length(n: int, orig_sr: int, target_sr: int) -> int:
@@ -3203,7 +3213,8 @@ def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
 #      trimmed outputs tile the input. The reference's output ends up to 20 ms before the
 #      input does (the frame grid, and HuBERT's 20 ms frames); the last segment decodes on
 #      into its context until the input's end, so the output lasts exactly as long as the
-#      input, and the reference's samples stay as they are.
+#      input, and the reference's samples stay as they are. Non-finite audio, or silence
+#      from an audible input, is an UnstableOutput (never written as a success).
 #   5. loudness_gain: the output's loudness envelope is moved towards the input's
 #      (rms_mix_rate), with the envelopes of the reference's length; optional resampling;
 #      int16 (to_int16, with the whole output's peak); cut to the input's duration.
@@ -3225,6 +3236,10 @@ FEATURE_REPEAT = HUBERT_HOP // HOP  # each 20 ms content feature serves two 10 m
 RMS_BLOCKS_PER_PIECE = 64  # loudness blocks summed per pass (bounds frame_rms's temporaries)
 RMS_FLOOR = 1e-6  # the output envelope is floored here before it divides
 MIX_PIECE = 1 << 18  # output samples re-levelled per pass (6.5 s at 40 kHz)
+# The sanity guard: a network output below one int16 step throughout (it would be written
+# as all zeros) from an input that peaks above -60 dBFS after conditioning is a failure.
+SILENT_OUTPUT_PEAK = 1 / INT16_SCALE
+AUDIBLE_INPUT_PEAK = 1e-3
 
 
 @dataclass
@@ -3265,9 +3280,7 @@ def condition(audio: Signal, peak: float | None = None, directory: Path | None =
     from scipy.signal import lfilter, lfilter_zi
 
     n = len(audio)
-    if peak is None:
-        peak = max((float(np.abs(audio[i:i + block]).max()) for i in range(0, n, block)), default=0.0)
-    gain = peak / INPUT_PEAK
+    gain = (signal_peak(audio, block) if peak is None else peak) / INPUT_PEAK
 
     def read(start: int, stop: int) -> np.ndarray:  # float32, as the reference's input
         x = np.asarray(audio[start:stop], dtype=np.float32)
@@ -3532,13 +3545,15 @@ class Converter:
                                                   sid, params, rng, timings, seg_traces[k],
                                                   extend_to=raw_length - len(raw) if last else 0)
                 if not np.isfinite(out).all():
-                    raise InferenceError("the network produced non-finite audio")
+                    raise UnstableOutput("the network produced non-finite audio")
                 reference_length += reference
                 raw.append(out)
                 raw_peak = max(raw_peak, float(np.abs(out).max(initial=0.0)))
                 if progress is not None:
                     progress("segment", k + 1, len(bounds))
             del pitch, pitchf
+            if raw_peak < SILENT_OUTPUT_PEAK and signal_peak(conditioned, block) >= AUDIBLE_INPUT_PEAK:
+                raise UnstableOutput("the network produced silence from an input that is not silent")
             yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block,
                                          reference_length, length)
 
@@ -3787,8 +3802,10 @@ class RunState:
         self.interrupted_by: str | None = None
 
     def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        print_warning(message)
+        """A warning, given once however often the run comes upon it."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print_warning(message)
 
     def begin_commit(self) -> None:
         self.committing = True
@@ -3955,8 +3972,9 @@ def model_info(run: Run) -> int:
     return EXIT_OK
 
 
-def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
-    """Everything before the conversion itself: also the whole of --check."""
+def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, InputAudio, ConversionParams]:
+    """Everything before the conversion itself: also the whole of --check. `audio`: the
+    input, when it was read already (a second try); the timings then go on adding up."""
     args, paths = run.args, run.paths
     if not (args.input and args.output and args.model):
         raise UsageError("INPUT, OUTPUT and MODEL are required")
@@ -3968,12 +3986,13 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     configure_onednn_cache(dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    timings = Timings()
-    start = time.perf_counter()
-    audio = read_input_audio(Path(args.input), run.warn, directory=output.parent, start=args.start,
-                             duration=args.duration)
-    run.state.owned.enter_context(audio.samples)
-    timings.read = time.perf_counter() - start
+    timings = run.report.get("timings") or Timings()
+    if audio is None:
+        start = time.perf_counter()
+        audio = read_input_audio(Path(args.input), run.warn, directory=output.parent, start=args.start,
+                                 duration=args.duration)
+        run.state.owned.enter_context(audio.samples)
+        timings.read += time.perf_counter() - start
 
     start = time.perf_counter()
     voice = run.load("voice", model_path, partial(load_voice_model, model_path))
@@ -3998,7 +4017,7 @@ def prepare(run: Run) -> tuple[Converter, InputAudio, ConversionParams]:
     else:
         hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
     rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe)) if method == "rmvpe" else None
-    timings.load = time.perf_counter() - start
+    timings.load += time.perf_counter() - start
     run.detail(f"loaded models in {timings.load:.2f} s")
 
     params = ConversionParams(
@@ -4041,12 +4060,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert(run: Run) -> int:
-    converter, audio, params = prepare(run)
-    if run.args.check:
-        run.report["check"] = "ok"
-        run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
-        return EXIT_OK
+def write_conversion(run: Run, converter: Converter, audio: InputAudio,
+                     params: ConversionParams) -> tuple[int, int, str]:
+    """Convert the input into the output file (atomically): (frames written, their rate,
+    the file's SHA-256)."""
     timings: Timings = run.report["timings"]
     long_input = audio.duration >= PROGRESS_MIN_SECONDS and sys.stderr.isatty() and not run.args.quiet
 
@@ -4060,11 +4077,34 @@ def convert(run: Run) -> int:
     start, counted = time.perf_counter(), timings.stages()
     try:
         frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
+        sha256 = file_sha256(output)
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
-    sha256 = file_sha256(output)
-    # The stream ran inside the write and timed its own stages; the rest of the write is post-processing.
-    timings.postprocess += time.perf_counter() - start - (timings.stages() - counted)
+    finally:  # the stream ran inside the write and timed its own stages; the rest of the write is post-processing
+        timings.postprocess += time.perf_counter() - start - (timings.stages() - counted)
+    return frames, rate, sha256
+
+
+def convert(run: Run) -> int:
+    converter, audio, params = prepare(run)
+    if run.args.check:
+        run.report["check"] = "ok"
+        run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
+        return EXIT_OK
+    unstable = None
+    try:
+        frames, rate, sha256 = write_conversion(run, converter, audio, params)
+    except UnstableOutput as exc:  # the sanity guard: reduced precision gets one more try, in fp32
+        if converter.dtype == torch.float32:
+            raise
+        unstable = f"{exc.message} in {precision_name(converter.dtype)}"
+    if unstable is not None:  # (outside the except: its traceback would keep the networks alive)
+        run.warn(f"{unstable}; converting again in fp32")
+        run.args.precision = "fp32"
+        del converter  # its networks, before the next ones load
+        converter, audio, params = prepare(run, audio)
+        frames, rate, sha256 = write_conversion(run, converter, audio, params)
+    timings: Timings = run.report["timings"]
     total = time.perf_counter() - run.state.started
     run.report.update(sample_rate=rate, output_duration=round(frames / rate, 6),
                       rtf=round((total - timings.load) / audio.duration, 6), peak_rss_mb=peak_rss_mb(),
