@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -512,7 +513,8 @@ def _decoded_blocks(path: Path, start: float = 0.0,
             with quiet_library_warnings():
                 data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
         except Exception:
-            raise InputAudioError(f"cannot decode audio: {_first_line(sf_error)}", path) from sf_error
+            reason = _first_line(sf_error).replace(f"Error opening {str(path)!r}: ", "")  # the path is the subject
+            raise InputAudioError(f"cannot decode audio: {reason}", path) from sf_error
         data = np.atleast_2d(data).T  # librosa gives (channels, frames)
         total = len(data)
         first, count = region_frames(total, int(rate), start, duration) if total else (0, 0)
@@ -655,7 +657,37 @@ def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
     return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
 
 
+# "-" as INPUT reads the audio from stdin, as OUTPUT writes a WAV to stdout. Both go
+# through a private scratch file: decoding needs to seek, and stdout gets the output only
+# once it is complete, so a failure leaves stdout empty.
+STDIO = "-"
+STDIO_BLOCK = 1 << 20  # bytes copied per read
+
+
+def spool_stdin(directory: Path) -> Path:
+    """stdin's bytes, all of them, into a file in `directory`: its path."""
+    path = directory / "stdin.audio"
+    try:
+        with open(path, "xb") as handle:
+            shutil.copyfileobj(sys.stdin.buffer, handle, STDIO_BLOCK)
+    except OSError as exc:
+        raise InputAudioError(f"cannot read the input from stdin ({exc.strerror or exc})", "stdin") from exc
+    return path
+
+
+def copy_to_stdout(path: Path) -> None:
+    """A finished output file's bytes onto stdout."""
+    try:
+        with open(path, "rb") as handle:
+            shutil.copyfileobj(handle, sys.stdout.buffer, STDIO_BLOCK)
+        sys.stdout.buffer.flush()
+    except OSError as exc:  # a closed pipe, a full disk behind a redirection
+        raise OutputError(f"cannot write the output to stdout ({exc.strerror or exc})", "stdout") from exc
+
+
 def output_format(path: Path) -> tuple[str, str]:
+    if str(path) == STDIO:
+        return OUTPUT_FORMATS[".wav"]
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         supported = ", ".join(OUTPUT_FORMATS)
@@ -668,6 +700,8 @@ def check_output_writable(path: Path) -> None:
     """Fail early (before any model loads) if the output could not be written."""
     path = Path(path)
     output_format(path)
+    if str(path) == STDIO:
+        return
     if path.is_dir():
         raise OutputError("output path is a directory", path)
     parent = path.parent
@@ -3791,7 +3825,8 @@ class RunState:
 
     warnings: every warning of the run (also reported by --json). committing: set once the
     output is being renamed into place, when it is too late to stop. interrupted_by: the
-    signal that ended the run. owned: what the run opened (scratch audio), closed at its end.
+    signal that ended the run. owned: what the run opened (scratch audio, its private
+    folder), closed or removed at its end.
     """
 
     def __init__(self) -> None:
@@ -3800,6 +3835,18 @@ class RunState:
         self.warnings: list[str] = []
         self.committing = False
         self.interrupted_by: str | None = None
+        self._private: Path | None = None
+
+    def private_folder(self) -> Path:
+        """A folder of this run's own in the system's temporary folder, removed at its end
+        (what stdin and stdout go through)."""
+        if self._private is None:
+            try:
+                self._private = Path(tempfile.mkdtemp(prefix="rvc-"))
+            except OSError as exc:
+                raise OutputError(f"cannot create a temporary folder ({exc.strerror})", tempfile.gettempdir()) from exc
+            self.owned.callback(shutil.rmtree, self._private, ignore_errors=True)
+        return self._private
 
     def warn(self, message: str) -> None:
         """A warning, given once however often the run comes upon it."""
@@ -3887,6 +3934,12 @@ class Run:
         if self.models is None:
             return load(self.warn)
         return self.models.get(kind, path if key is None else key, path, load, self.warn)
+
+    def output_file(self) -> Path:
+        """Where the output is written: OUTPUT, or for "-" a file that goes to stdout when done."""
+        if self.args.output == STDIO:
+            return self.state.private_folder() / "stdout.wav"
+        return Path(self.args.output)
 
     def say(self, message: str) -> None:
         """Information for a person at a terminal: stderr, silenced by --quiet."""
@@ -3980,8 +4033,8 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
         raise UsageError("INPUT, OUTPUT and MODEL are required")
     model_path = paths.voice_model(args.model)
     index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
-    output = Path(args.output)
-    check_output_writable(output)
+    check_output_writable(Path(args.output))
+    scratch = run.output_file().parent  # the scratch audio goes beside the output
     device, dtype = resolve_device(args.device, args.precision)
     configure_onednn_cache(dtype)
     if args.threads is not None:
@@ -3989,8 +4042,13 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     timings = run.report.get("timings") or Timings()
     if audio is None:
         start = time.perf_counter()
-        audio = read_input_audio(Path(args.input), run.warn, directory=output.parent, start=args.start,
-                                 duration=args.duration)
+        stdin = args.input == STDIO
+        source = spool_stdin(run.state.private_folder()) if stdin else Path(args.input)
+        try:
+            audio = read_input_audio(source, run.warn, directory=scratch, start=args.start, duration=args.duration)
+        except InputAudioError as exc:
+            exc.subject = "stdin" if stdin else exc.subject
+            raise
         run.state.owned.enter_context(audio.samples)
         timings.read += time.perf_counter() - start
 
@@ -4029,7 +4087,7 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     reload = partial(load_voice_model, model_path, warn=lambda _: None)  # its warnings were given
     converter = Converter(voice, hubert, rmvpe, index, device, dtype, staged=staged, voice_loader=reload)
     run.report.update(
-        output=str(output), model=model_path.stem, index=index_path.stem if index_path else None,
+        output=args.output, model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
         f0_method=method, device=str(device), threads=torch.get_num_threads(), precision=precision_name(dtype),
         input_duration=round(audio.duration, 6), input_sample_rate=audio.source_rate,
@@ -4070,7 +4128,7 @@ def write_conversion(run: Run, converter: Converter, audio: InputAudio,
     def progress(stage: str, done: int, total: int) -> None:
         print(f"\rconverting: {stage} {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
-    output = Path(run.args.output)
+    output = run.output_file()
     rate = converter.output_rate_for(params)
     blocks = converter.stream(audio.samples, params, timings, progress if long_input else None,
                               peak=audio.peak, directory=output.parent, length=audio.length_at(rate))
@@ -4078,6 +4136,8 @@ def write_conversion(run: Run, converter: Converter, audio: InputAudio,
     try:
         frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
         sha256 = file_sha256(output)
+        if run.args.output == STDIO:
+            copy_to_stdout(output)
     except (RuntimeError, MemoryError) as exc:
         raise InferenceError(f"inference failed: {_first_line(exc)}") from exc
     finally:  # the stream ran inside the write and timed its own stages; the rest of the write is post-processing
@@ -4112,7 +4172,7 @@ def convert(run: Run) -> int:
     if converter.index is not None:
         run.report.update(index_vectors=int(converter.index.index.ntotal), index_dim=int(converter.index.index.d),
                           index_nprobe=getattr(converter.index.index, "nprobe", None))
-    run.say(f"wrote {run.args.output}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
+    run.say(f"wrote {'stdout' if run.args.output == STDIO else run.args.output}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
             f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
     return EXIT_OK
 
@@ -4132,9 +4192,9 @@ def report_object(state: RunState, run: Run | None, code: int, error: RVCError |
     return report
 
 
-def print_json(obj: Mapping[str, Any]) -> None:
-    """One JSON object as one line on stdout."""
-    print(json.dumps(obj, default=str), flush=True)
+def print_json(obj: Mapping[str, Any], file: Any = None) -> None:
+    """One JSON object as one line on stdout (or `file`)."""
+    print(json.dumps(obj, default=str), file=file or sys.stdout, flush=True)
 
 
 def job_mode(run: Run) -> int:
@@ -4232,6 +4292,8 @@ def request_args(request: Mapping[str, Any], worker: argparse.Namespace) -> argp
         value = request.get(name)
         if value is not None and not isinstance(value, str):
             raise UsageError(f"{name} must be a string")
+        if value == STDIO and name != "model":  # the worker's stdin and stdout are the protocol's
+            raise UsageError(f"{name} \"-\" (stdin/stdout) is for the command line; a request names files")
         setattr(args, name, value)
     for name in SERVE_GLOBAL_OPTIONS:
         setattr(args, name, getattr(worker, name))
@@ -4315,7 +4377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.nullcontext() if verbose else quiet_library_warnings(), state.signals(), state.owned:
         run, code, error = execute(state, start, run_mode, verbose)
     if want_json and not (run is not None and run.args.serve):
-        print_json(report_object(state, run, code, error))
+        # With OUTPUT "-" stdout is the audio: the report is stderr's last line.
+        audio_on_stdout = run.args.output == STDIO if run is not None else STDIO in argv
+        print_json(report_object(state, run, code, error), file=sys.stderr if audio_on_stdout else None)
     return code
 
 
