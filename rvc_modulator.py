@@ -4172,7 +4172,8 @@ def convert(run: Run) -> int:
     if converter.index is not None:
         run.report.update(index_vectors=int(converter.index.index.ntotal), index_dim=int(converter.index.index.d),
                           index_nprobe=getattr(converter.index.index, "nprobe", None))
-    run.say(f"wrote {'stdout' if run.args.output == STDIO else run.args.output}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
+    where = "stdout" if run.args.output == STDIO else run.args.output
+    run.say(f"wrote {where}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
             f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
     return EXIT_OK
 
