@@ -30,10 +30,11 @@ it (tests/test_structure.py checks that), so it can be read from the top down.
    7. RMVPE           the pitch network with its mel front-end and decoding, then its loader.
    8. Synthesizer     text encoder, flow and NSF-HiFiGAN decoder, then the voice model loader.
    9. Pitch           the F0 estimators (rmvpe, harvest, dio, crepe, pm) and coarse pitch.
-  10. Retrieval       faiss index loading and feature blending.
+  10. Retrieval       faiss index loading (and reading an index's header) and feature blending.
   11. Pipeline        conditioning, segmentation, per-segment conversion, post-processing.
-  12. Modes           a run and what it owns; convert, check, list models, model info.
-                      (The service worker and the training tools belong here, after them.)
+  12. Modes           a run and what it owns; convert, check, list models, model info;
+                      12b folder batches; 12c the service worker (--serve). (The
+                      training tools belong here, after them.)
   13. Command line    the entry point: one run, its exit code and its --json report.
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ EXIT_BAD_MODEL = 4  # a model, index, HuBERT or RMVPE file is invalid, unsupport
 EXIT_BAD_INPUT = 5  # the input audio is unreadable, empty or invalid
 EXIT_INFERENCE = 6  # inference failed (out of memory, non-finite output, ...)
 EXIT_OUTPUT = 7  # the output cannot be written
+EXIT_PARTIAL = 8  # a folder batch converted some files but not all (each failure is in its report)
 EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM
 
 
@@ -200,6 +202,12 @@ VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
 HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision: torch dtype names
+# Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
+# WebUI's int16 samples exactly; OGG is Vorbis (lossy).
+OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+# What a folder batch converts: the extensions of audio files a decoder here reads.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".wma",
+                    ".webm", ".caf")
 
 # Option ranges: name -> (type, low, high). Checked with a usage error naming the option.
 RANGES: dict[str, tuple[type, float, float]] = {
@@ -248,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False,
                      description="Convert the voice in a recording to the voice of an RVC model.",
                      epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
-                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 130 interrupted.")
+                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 8 some files of a folder "
+                            "failed, 130 interrupted.")
 
     defaults = ConversionParams()  # the WebUI's defaults, stated once (above)
 
@@ -256,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
 
-    parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present)")
-    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg")
+    parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present), "
+                                                 "a folder of them, or - for stdin")
+    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg; a folder when "
+                                                  "INPUT is one; - for a WAV on stdout")
     parser.add_argument("model", nargs="?", help="voice model name: <models_dir>/rvc/MODEL.pth")
     option("index_name", metavar="NAME", help="feature index name: <models_dir>/rvc/NAME.index")
     option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
@@ -285,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
            help="convert from this point of the input on (default 0)")
     option("duration", type=_ranged("duration"), default=None, metavar="SECONDS",
            help="convert only this much of the input (default: to its end)")
+    option("output_format", choices=[e[1:] for e in OUTPUT_FORMATS], default=None,
+           help="folder batches: the outputs' format (default wav)")
     option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
     option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
@@ -335,9 +348,6 @@ import torch.nn.functional as F  # noqa: E402
 # 4. Audio I/O
 # =============================================================================
 
-# Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
-# WebUI's int16 samples exactly; OGG is Vorbis (lossy).
-OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 INPUT_PEAK = 0.95  # louder inputs are attenuated to this peak before conversion (never amplified)
 OUTPUT_PEAK = 0.99  # louder outputs are normalised to this peak before int16
 INT16_SCALE = 32768.0
@@ -3826,13 +3836,15 @@ class RunState:
     warnings: every warning of the run (also reported by --json). committing: set once the
     output is being renamed into place, when it is too late to stop. interrupted_by: the
     signal that ended the run. owned: what the run opened (scratch audio, its private
-    folder), closed or removed at its end.
+    folder), closed or removed at its end. said: the warnings printed on stderr, shared by
+    the runs of a folder batch, so that a person reads each only once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, said: set[str] | None = None) -> None:
         self.started = time.perf_counter()
         self.owned = contextlib.ExitStack()
         self.warnings: list[str] = []
+        self.said = set() if said is None else said
         self.committing = False
         self.interrupted_by: str | None = None
         self._private: Path | None = None
@@ -3852,6 +3864,8 @@ class RunState:
         """A warning, given once however often the run comes upon it."""
         if message not in self.warnings:
             self.warnings.append(message)
+        if message not in self.said:
+            self.said.add(message)
             print_warning(message)
 
     def begin_commit(self) -> None:
@@ -4025,34 +4039,23 @@ def model_info(run: Run) -> int:
     return EXIT_OK
 
 
-def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, InputAudio, ConversionParams]:
-    """Everything before the conversion itself: also the whole of --check. `audio`: the
-    input, when it was read already (a second try); the timings then go on adding up."""
-    args, paths = run.args, run.paths
-    if not (args.input and args.output and args.model):
-        raise UsageError("INPUT, OUTPUT and MODEL are required")
-    model_path = paths.voice_model(args.model)
-    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
-    check_output_writable(Path(args.output))
-    scratch = run.output_file().parent  # the scratch audio goes beside the output
-    device, dtype = resolve_device(args.device, args.precision)
-    configure_onednn_cache(dtype)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    timings = run.report.get("timings") or Timings()
-    if audio is None:
-        start = time.perf_counter()
-        stdin = args.input == STDIO
-        source = spool_stdin(run.state.private_folder()) if stdin else Path(args.input)
-        try:
-            audio = read_input_audio(source, run.warn, directory=scratch, start=args.start, duration=args.duration)
-        except InputAudioError as exc:
-            exc.subject = "stdin" if stdin else exc.subject
-            raise
-        run.state.owned.enter_context(audio.samples)
-        timings.read += time.perf_counter() - start
+@dataclass
+class Networks:
+    """What a conversion loads for its voice model (through the run's cache, when it has one)."""
 
-    start = time.perf_counter()
+    voice: "VoiceModel"
+    f0_method: str | None  # None: the model takes no pitch
+    index: FeatureIndex | None
+    hubert: "HubertEncoder | Callable[[], HubertEncoder]"  # a loader: loaded when the features need it
+    rmvpe: "RMVPE | None"
+
+
+def load_networks(run: Run, model_path: Path, index_path: Path | None, device: torch.device,
+                  staged: bool) -> Networks:
+    """The voice model, its index, HuBERT and (for rmvpe) RMVPE, checked against the options.
+    staged: HuBERT is given as a loader (a single conversion loads it after the pitch, in
+    the memory RMVPE leaves: Converter), but its file is checked now."""
+    args, paths = run.args, run.paths
     voice = run.load("voice", model_path, partial(load_voice_model, model_path))
     if args.speaker_id >= voice.n_speakers:
         raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
@@ -4067,14 +4070,55 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     if index_path:
         index = run.load("index", index_path, lambda _: load_index(index_path, voice.phone_dim),
                          key=(index_path, voice.phone_dim))
-    staged = run.models is None and not args.check
-    if staged:  # one conversion loads HuBERT after the pitch, in the memory RMVPE leaves (Converter)
+    if staged:
         if not paths.hubert.exists():
             load_hubert(paths.hubert)  # its not-found error, before any work
         hubert: HubertEncoder | Callable[[], HubertEncoder] = partial(load_hubert, paths.hubert)
     else:
         hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
     rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe)) if method == "rmvpe" else None
+    return Networks(voice, method, index, hubert, rmvpe)
+
+
+def use_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device, --precision and --threads, applied before any network runs."""
+    device, dtype = resolve_device(args.device, args.precision)
+    configure_onednn_cache(dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return device, dtype
+
+
+def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, InputAudio, ConversionParams]:
+    """Everything before the conversion itself: also the whole of --check. `audio`: the
+    input, when it was read already (a second try); the timings then go on adding up."""
+    args, paths = run.args, run.paths
+    if not (args.input and args.output and args.model):
+        raise UsageError("INPUT, OUTPUT and MODEL are required")
+    model_path = paths.voice_model(args.model)
+    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
+    check_output_writable(Path(args.output))
+    if args.output_format and Path(args.output).suffix.lower() != f".{args.output_format}":
+        run.warn("--output_format has no effect here: it is for folder batches (OUTPUT's extension is the format)")
+    scratch = run.output_file().parent  # the scratch audio goes beside the output
+    device, dtype = use_device(args)
+    timings = run.report.get("timings") or Timings()
+    if audio is None:
+        start = time.perf_counter()
+        stdin = args.input == STDIO
+        source = spool_stdin(run.state.private_folder()) if stdin else Path(args.input)
+        try:
+            audio = read_input_audio(source, run.warn, directory=scratch, start=args.start, duration=args.duration)
+        except InputAudioError as exc:
+            exc.subject = "stdin" if stdin else exc.subject
+            raise
+        run.state.owned.enter_context(audio.samples)
+        timings.read += time.perf_counter() - start
+
+    start = time.perf_counter()
+    staged = run.models is None and not args.check  # a single conversion: each network only while it works
+    nets = load_networks(run, model_path, index_path, device, staged)
+    voice, method = nets.voice, nets.f0_method
     timings.load += time.perf_counter() - start
     run.detail(f"loaded models in {timings.load:.2f} s")
 
@@ -4085,7 +4129,8 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
         interp_unvoiced=args.interp_unvoiced)
     reload = partial(load_voice_model, model_path, warn=lambda _: None)  # its warnings were given
-    converter = Converter(voice, hubert, rmvpe, index, device, dtype, staged=staged, voice_loader=reload)
+    converter = Converter(voice, nets.hubert, nets.rmvpe, nets.index, device, dtype, staged=staged,
+                          voice_loader=reload)
     run.report.update(
         output=args.output, model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
@@ -4198,15 +4243,6 @@ def print_json(obj: Mapping[str, Any], file: Any = None) -> None:
     print(json.dumps(obj, default=str), file=file or sys.stdout, flush=True)
 
 
-def job_mode(run: Run) -> int:
-    """The mode one job asks for (a conversion, a check, a listing, a model's info); its exit code."""
-    if run.args.list_models:
-        return list_models(run)
-    if run.args.info:
-        return model_info(run)
-    return convert(run)  # also --check
-
-
 def execute(state: RunState, start: Callable[[], Run], mode: Callable[[Run], int],
             verbose: bool) -> tuple[Run | None, int, RVCError | None]:
     """start() a run and run `mode` on it. Any failure becomes its exit code and an
@@ -4237,7 +4273,88 @@ def execute(state: RunState, start: Callable[[], Run], mode: Callable[[Run], int
 
 
 # -----------------------------------------------------------------------------
-# 12b. The service worker: --serve
+# 12b. Folder batches: INPUT and OUTPUT folders
+# -----------------------------------------------------------------------------
+
+def batch_inputs(folder: Path) -> list[Path]:
+    """The audio files of a folder, by name, not recursing into subfolders; hidden files
+    (a conversion's own temporaries among them) are not inputs."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+def batch_outputs(inputs: Sequence[Path], folder: Path, extension: str) -> list[Path]:
+    """Each input's output in `folder`: its name with `extension`; inputs that share a stem
+    (a.wav and a.flac) keep their whole names (a.wav.wav, a.flac.wav) instead of colliding."""
+    stems = [p.stem for p in inputs]
+    return [folder / f"{p.stem if stems.count(p.stem) == 1 else p.name}{extension}" for p in inputs]
+
+
+def batch(run: Run) -> int:
+    """INPUT a folder: every audio file in it converted into the OUTPUT folder (made when
+    missing) with the models loaded once. A file's failure is its own: the others go on,
+    and the batch exits EXIT_PARTIAL. What every file needs (the models, the options) is
+    checked before the first, and a failure there is the batch's."""
+    args, paths = run.args, run.paths
+    if not (args.output and args.model):
+        raise UsageError("INPUT, OUTPUT and MODEL are required")
+    source, target = Path(args.input), Path(args.output)
+    if args.output == STDIO or (target.exists() and not target.is_dir()):
+        raise UsageError("INPUT is a folder, so OUTPUT must be a folder too", args.output)
+    if target.exists() and target.resolve() == source.resolve():
+        raise UsageError("OUTPUT must be another folder than INPUT", args.output)
+    inputs = batch_inputs(source)
+    if not inputs:
+        raise InputAudioError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the folder", source)
+    model_path = paths.voice_model(args.model)
+    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
+    device, _ = use_device(args)
+    if run.models is None:
+        run.models = ModelCache()
+    load_networks(run, model_path, index_path, device, staged=False)  # into the cache, for every file
+    try:
+        target.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})", target) from exc
+    files: list[dict] = []
+    run.report.update(input=str(source), output=str(target), model=model_path.stem, files=files)
+    extension = f".{args.output_format or 'wav'}"
+    for k, (path, output) in enumerate(zip(inputs, batch_outputs(inputs, target, extension)), 1):
+        run.say(f"[{k}/{len(inputs)}] {path.name}")
+        state = RunState(said=run.state.said)
+        file_args = argparse.Namespace(**{**vars(args), "input": str(path), "output": str(output)})
+        file_run = Run(file_args, paths, state, models=run.models)
+        with state.signals(), state.owned:  # a failure is printed, and is this file's alone
+            _, code, error = execute(state, lambda: file_run, convert, args.verbose)
+        files.append({"input": str(path), "output": str(output), **report_object(state, file_run, code, error)})
+        if state.interrupted_by is not None:
+            run.state.interrupted_by = state.interrupted_by
+            raise KeyboardInterrupt
+    failed = [f for f in files if not f["ok"]]
+    elapsed = time.perf_counter() - run.state.started
+    run.report["summary"] = {"files": len(files), "succeeded": len(files) - len(failed), "failed": len(failed),
+                             "audio_seconds": round(sum(f.get("input_duration", 0) for f in files if f["ok"]), 6),
+                             "seconds": round(elapsed, 3)}
+    done = "checked" if args.check else "converted"
+    run.say(f"{done} {len(files) - len(failed)} of {len(files)} files into {target} in {elapsed:.1f} s"
+            + (f"; failed: {', '.join(Path(f['input']).name for f in failed)}" if failed else ""))
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def job_mode(run: Run) -> int:
+    """The mode one job asks for (a conversion, a check, a listing, a model's info, a
+    folder batch); its exit code."""
+    if run.args.list_models:
+        return list_models(run)
+    if run.args.info:
+        return model_info(run)
+    if run.args.input and run.args.input != STDIO and Path(run.args.input).is_dir():
+        return batch(run)
+    return convert(run)  # also --check
+
+
+# -----------------------------------------------------------------------------
+# 12c. The service worker: --serve
 # -----------------------------------------------------------------------------
 
 # A long-lived worker for a service (the Go AIService): models load once; requests come one
