@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -881,11 +882,12 @@ def _pickled_globals(path: Path) -> list[str]:
         raise _describe_load_failure(path, exc) from exc
 
 
-def load_torch_file(path: Path, *, allow_standins: bool = False) -> Any:
+def load_torch_file(path: Path, *, allow_standins: bool = False, mmap: bool = False) -> Any:
     """Load a torch.save file without ever executing code from it.
 
     allow_standins: accept harmless pickled objects from STANDIN_MODULE_PREFIXES modules
     (fairseq checkpoints) as inert placeholders; all other globals are refused.
+    mmap: map the tensors' data instead of reading it (zip-format files; others are read).
     """
     path = Path(path)
     if not path.is_file():
@@ -901,7 +903,7 @@ def load_torch_file(path: Path, *, allow_standins: bool = False) -> Any:
         standins = [_standin_for(n) for n in names]
     try:
         with torch.serialization.safe_globals(standins):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except RVCError:
         raise
     except Exception as exc:
@@ -1489,10 +1491,10 @@ def hubert_config_from_fairseq(cfg: Mapping[str, Any], path: Path) -> HubertConf
     ), path)
 
 
-def _read_hubert_fairseq(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor]]:
+def _read_hubert_fairseq(path: Path, mmap: bool = False) -> tuple[HubertConfig, Mapping[str, torch.Tensor]]:
     """Only `cfg["model"]` (or the old `args`) and `model` are read; fairseq's Dictionary
     and the training state become inert stand-ins that nothing touches."""
-    checkpoint = load_torch_file(path, allow_standins=True)
+    checkpoint = load_torch_file(path, allow_standins=True, mmap=mmap)
     if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
         raise ModelFileError("not a fairseq HuBERT checkpoint (no 'model' state dict)", path)
     cfg = checkpoint.get("cfg")
@@ -1533,7 +1535,7 @@ def hubert_config_from_transformers(cfg: Mapping[str, Any], path: Path) -> Huber
     ), path)
 
 
-def _read_hubert_folder(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Tensor], Path]:
+def _read_hubert_folder(path: Path, mmap: bool = False) -> tuple[HubertConfig, Mapping[str, torch.Tensor], Path]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelFileError("HuBERT folder has no config.json", path)
@@ -1547,7 +1549,7 @@ def _read_hubert_folder(path: Path) -> tuple[HubertConfig, Mapping[str, torch.Te
     if weights is None:
         raise ModelFileError(f"HuBERT folder has no weights ({' or '.join(HUBERT_WEIGHTS_FILES)})", path)
     hubert_config = hubert_config_from_transformers(config, config_path)
-    state = read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights)
+    state = read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights, mmap=mmap)
     if not _is_state_dict(state):
         raise ModelFileError("not a state dict (a mapping of tensor names)", weights)
     return hubert_config, state, weights
@@ -1572,26 +1574,56 @@ def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: P
         raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
 
 
-@blocks_outside_heap()
-def load_hubert(path: Path) -> HubertEncoder:
-    """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
+def _hubert_state(path: Path, mmap: bool = False) -> tuple[HubertConfig, dict, Path, Callable[[str], str]]:
+    """A HuBERT file's config, its tensors under our names (mmap: mapped, not read), the
+    file they came from, and how that file spells our names."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", path)
     fairseq = not path.is_dir()
     if fairseq:
-        config, state = _read_hubert_fairseq(path)
+        config, state = _read_hubert_fairseq(path, mmap)
         state = {_rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=True): value for key, value in state.items()}
         weights_path = path
     else:
-        config, state, weights_path = _read_hubert_folder(path)
+        config, state, weights_path = _read_hubert_folder(path, mmap)
 
     def file_name(key: str) -> str:  # our tensor name as the file spells it
         return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
 
-    state = _fold_pos_conv(state, config, weights_path, file_name)
+    return config, _fold_pos_conv(state, config, weights_path, file_name), weights_path, file_name
+
+
+@blocks_outside_heap()
+def load_hubert(path: Path) -> HubertEncoder:
+    """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
+    config, state, weights_path, file_name = _hubert_state(path)
     return load_checked(lambda: HubertEncoder(config), state, weights_path,
                         ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], spell=file_name)
+
+
+def inspect_hubert(path: Path) -> HubertConfig:
+    """Every check load_hubert makes (the file, its config, every key and shape), without
+    reading the weights (they are mapped): the HuBERT's config, for a conversion that loads
+    the network itself only once the pitch is done."""
+    config, state, weights_path, file_name = _hubert_state(path, mmap=True)
+    with torch.device("meta"):
+        module = HubertEncoder(config)
+    check_state_dict(module, state, weights_path, ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)],
+                     spell=file_name)
+    return config
+
+
+def check_hubert_fits(config: HubertConfig, version: str, phone_dim: int, path: Path) -> None:
+    """A voice model reads HuBERT features of one size: v1 the final_proj of layer 9, v2
+    the last layer (HubertEncoder.extract). A HuBERT that gives another size is refused."""
+    if version == "v1" and config.layers < HUBERT_V1_LAYER:
+        raise ModelFileError(f"v1 voice models need HuBERT layer {HUBERT_V1_LAYER}, "
+                             f"but this HuBERT has only {config.layers} layers", path)
+    gives = config.final_dim if version == "v1" else config.hidden
+    if gives != phone_dim:
+        raise ModelFileError(f"this HuBERT gives {gives}-dim {version} features, but the voice model needs "
+                             f"{phone_dim}-dim ones", path)
 
 
 # =============================================================================
@@ -4054,7 +4086,7 @@ def load_networks(run: Run, model_path: Path, index_path: Path | None, device: t
                   staged: bool) -> Networks:
     """The voice model, its index, HuBERT and (for rmvpe) RMVPE, checked against the options.
     staged: HuBERT is given as a loader (a single conversion loads it after the pitch, in
-    the memory RMVPE leaves: Converter), but its file is checked now."""
+    the memory RMVPE leaves: Converter), but its file is checked now (inspect_hubert)."""
     args, paths = run.args, run.paths
     voice = run.load("voice", model_path, partial(load_voice_model, model_path))
     if args.speaker_id >= voice.n_speakers:
@@ -4071,11 +4103,12 @@ def load_networks(run: Run, model_path: Path, index_path: Path | None, device: t
         index = run.load("index", index_path, lambda _: load_index(index_path, voice.phone_dim),
                          key=(index_path, voice.phone_dim))
     if staged:
-        if not paths.hubert.exists():
-            load_hubert(paths.hubert)  # its not-found error, before any work
+        config = inspect_hubert(paths.hubert)  # its errors, before any work
         hubert: HubertEncoder | Callable[[], HubertEncoder] = partial(load_hubert, paths.hubert)
     else:
         hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
+        config = hubert.config
+    check_hubert_fits(config, voice.version, voice.phone_dim, paths.hubert)
     rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe)) if method == "rmvpe" else None
     return Networks(voice, method, index, hubert, rmvpe)
 
@@ -4116,7 +4149,7 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
         timings.read += time.perf_counter() - start
 
     start = time.perf_counter()
-    staged = run.models is None and not args.check  # a single conversion: each network only while it works
+    staged = run.models is None  # a single conversion (or its --check): each network only while it works
     nets = load_networks(run, model_path, index_path, device, staged)
     voice, method = nets.voice, nets.f0_method
     timings.load += time.perf_counter() - start

@@ -74,7 +74,8 @@ def main() -> None:
     print(table([{"audio s": f"{args.seconds:g}", "one-shot process s": f"{one_shot.wall:.2f}",
                   "worker ready s": f"{ready:.2f}", "worker request s (median, warm)": f"{statistics.median(warm):.3f}",
                   "overhead ms (median)": f"{statistics.median(overhead):.1f}",
-                  "identical output": (out / "serve_cli.wav").read_bytes() == (out / "serve_worker.wav").read_bytes()}]))
+                  "identical output": (out / "serve_cli.wav").read_bytes()
+                  == (out / "serve_worker.wav").read_bytes()}]))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def test_every_audio_file_is_converted_and_a_bad_one_fails_alone(capsys, models,
     assert names == ["a_song.flac", "b_speech.wav", "broken.wav", "c_note.ogg"]  # sorted; no .txt, hidden, nested
     outcome = {name: f for name, f in zip(names, report["files"])}
     assert [n for n, f in outcome.items() if not f["ok"]] == ["broken.wav"]
-    assert outcome["broken.wav"]["exit_code"] == rvc.EXIT_BAD_INPUT and "cannot decode" in outcome["broken.wav"]["message"]
+    broken = outcome["broken.wav"]
+    assert broken["exit_code"] == rvc.EXIT_BAD_INPUT and "cannot decode" in broken["message"]
     assert report["summary"] == {"files": 4, "succeeded": 3, "failed": 1, "audio_seconds": pytest.approx(2.6),
                                  "seconds": pytest.approx(report["summary"]["seconds"])}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_song.wav", "b_speech.wav", "c_note.wav"]

@@ -459,25 +459,6 @@ def test_check_validates_without_converting(models, speech, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,code", [
-    (["--index_name", "wrong_dim"], rvc.EXIT_BAD_MODEL),
-    (["--hubert", "/nonexistent/hubert_base.pt"], rvc.EXIT_NOT_FOUND),
-    (["--f0_method", "rmvpe", "--rmvpe", "/nonexistent/rmvpe.pt"], rvc.EXIT_NOT_FOUND),
-])
-def test_check_fails_with_the_code_a_real_run_would(models, speech, tmp_path, args, code):
-    out = tmp_path / "out.wav"
-    checked = convert(models, speech, out, "--check", *args)
-    real = convert(models, speech, out, *args)
-    assert checked.returncode == real.returncode == code
-    assert not out.exists()
-
-
-def test_check_fails_on_undecodable_input(models, tmp_path):
-    bad = tmp_path / "bad.wav"
-    bad.write_text("nope")
-    assert convert(models, bad, tmp_path / "o.wav", "--check").returncode == rvc.EXIT_BAD_INPUT
-
-
 def test_list_models_reports_every_model_with_its_indexes(models):
     result = run_cli("--list_models", "--json", "--models_dir", models)
     assert result.returncode == 0, result.stderr
