@@ -200,12 +200,43 @@ class ConversionParams:
 MODELS_DIR_ENV, HUBERT_ENV, RMVPE_ENV = "RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE"
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "models"
 VOICE_SUBDIR = "rvc"  # <models_dir>/rvc/MODEL.pth and NAME.index
+AUTO_INDEX = "auto"  # --index_name auto: the model's one matching index
 HUBERT_FILE, HUBERT_FOLDER, RMVPE_FILE = "hubert_base.pt", "hubert_base", "rmvpe.pt"
+# Where users get those two: the RVC WebUI's published assets.
+BASE_FILES_URL = "https://huggingface.co/lj1995/VoiceConversionWebUI/resolve/main/"
+# Their published releases, size in bytes -> SHA-256, for --check to verify a file of that
+# size. Stated by the RVC WebUI's sha256.env (RVC-Project/Retrieval-based-Voice-Conversion-
+# WebUI, commit 3856ad5, "sync checksum": hubert_base.pt, rmvpe.pt) and by the Git LFS
+# pointers of lj1995/VoiceConversionWebUI (sizes; commit 1c75048 hubert_base.pt, 6368ea1 the
+# first rmvpe.pt, replaced on 2023-10-06 by the one sha256.env names).
+PUBLISHED_FILES: dict[str, dict[int, str]] = {
+    HUBERT_FILE: {189507909: "f54b40fd2802423a5643779c4861af1e9ee9c1564dc9d32f54f20b5ffba7db96"},
+    RMVPE_FILE: {181184272: "6d62215f4306e3ca278246188607209f09af3dc77ed4232efdd069798c4ec193",
+                 181189687: "a5ed4719f59085d1affc5d81354c70828c740584f2d24e782523345a6a278962"},
+}
+
+
+def where_to_get(name: str) -> str:
+    """A not-found error's hint: the public source of a base file, and its size."""
+    size = max(PUBLISHED_FILES[name])
+    return f"download {name} ({size / 1e6:.0f} MB) from {BASE_FILES_URL}{name}"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision: torch dtype names
-# Output formats by file extension: (soundfile format, subtype). WAV and FLAC hold the
-# WebUI's int16 samples exactly; OGG is Vorbis (lossy).
-OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+# Output formats, by name (also their file extension): soundfile's format and its subtype
+# for each --bit_depth (None: a lossy format, which has none). At 16 bits, WAV and FLAC
+# hold the WebUI's int16 samples exactly; 24-bit and float outputs keep the samples before
+# that rounding. OGG is Vorbis; MP3 needs libsndfile 1.1.0 or later (checked when used).
+OUTPUT_FORMATS: dict[str, tuple[str, dict[str | None, str]]] = {
+    "wav": ("WAV", {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}),
+    "flac": ("FLAC", {"16": "PCM_16", "24": "PCM_24"}),
+    "ogg": ("OGG", {None: "VORBIS"}),
+    "mp3": ("MP3", {None: "MPEG_LAYER_III"}),
+}
+BIT_DEPTHS = ("16", "24", "32f")
+DEFAULT_OUTPUT_FORMAT, DEFAULT_BIT_DEPTH = "wav", "16"
+# The only sample rates MPEG audio has (MPEG-1, 2 and 2.5; libsndfile's refusal lists the
+# same): an MP3 of a 40 kHz model is resampled to the next of them up.
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 # What a folder batch converts: the extensions of audio files a decoder here reads.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".wma",
                     ".webm", ".caf")
@@ -253,73 +284,117 @@ def _ranged(name: str) -> Callable[[str], Any]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False,
-                     description="Convert the voice in a recording to the voice of an RVC model.",
-                     epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index "
-                            "file, 5 invalid input audio, 6 inference failed, 7 output not writable, 8 some files of a folder "
-                            "failed, 130 interrupted.")
+HELP_EXAMPLES = """examples:
+  python rvc_modulator.py in.wav out.wav MyVoice --index_name auto --f0_up_key 12
+  python rvc_modulator.py in.wav out.wav MyVoice --check      what it would use, and whether all is there
+  python rvc_modulator.py --list_models                       the voice models and indexes
+  python rvc_modulator.py recordings/ converted/ MyVoice --output_format flac"""
 
+
+def _range_text(name: str) -> str:
+    kind, low, high = RANGES[name]
+    return f"{low:g}..{high:g}" if kind is float else f"{low}..{high}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    exit_codes = ("exit codes: 0 ok, 1 internal error, 2 usage, 3 file not found, 4 invalid model/index file,\n"
+                  "  5 invalid input audio, 6 inference failed, 7 output not writable, 8 some files of a folder\n"
+                  "  failed, 130 interrupted")
+    parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage="%(prog)s INPUT OUTPUT MODEL [options]\n"
+                           "       %(prog)s --list_models | --info MODEL | --serve [options]",
+                     description="Convert the voice in a recording to the voice of an RVC model.",
+                     epilog=f"{exit_codes}\n\n{HELP_EXAMPLES}")
     defaults = ConversionParams()  # the WebUI's defaults, stated once (above)
+    group: Any = parser
+
+    def section(title: str) -> None:  # the options that follow go under this heading
+        nonlocal group
+        group = parser.add_argument_group(title)
 
     def option(name: str, **kwargs: Any) -> None:  # --name_with_underscores and --name-with-dashes
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
+        group.add_argument(*spellings, *kwargs.pop("aliases", ()), dest=name, **kwargs)
 
     parser.add_argument("input", nargs="?", help="input audio (wav, flac, ogg; mp3/m4a where a decoder is present), "
                                                  "a folder of them, or - for stdin")
-    parser.add_argument("output", nargs="?", help="output audio: .wav (16-bit PCM), .flac or .ogg; a folder when "
-                                                  "INPUT is one; - for a WAV on stdout")
+    parser.add_argument("output", nargs="?", help="output audio: .wav, .flac, .ogg or .mp3 (see --output_format); "
+                                                  "a folder when INPUT is one; - for stdout")
     parser.add_argument("model", nargs="?", help="voice model name: <models_dir>/rvc/MODEL.pth")
-    option("index_name", metavar="NAME", help="feature index name: <models_dir>/rvc/NAME.index")
-    option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
-    option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
-                                          f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
-    option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
-    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
-           help="transpose by N semitones (default %(default)s)")
-    option("f0_method", choices=F0_METHODS, default=None,
-           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest; crepe is for a GPU: "
-                "on a CPU it takes about ten times the rest of the conversion)")
-    option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
-           help=f"share of retrieved features, 0..1 (default {defaults.index_rate}; needs --index_name)")
-    option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
-           help="harvest: median-filter the pitch when >= 3 (default %(default)s)")
-    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=defaults.rms_mix_rate, metavar="R",
-           help="0: output loudness follows the input, 1: the model's own (default %(default)s)")
-    option("protect", type=_ranged("protect"), default=defaults.protect, metavar="P",
-           help="protect consonants and breaths, 0..0.5; 0.5 turns it off (default %(default)s)")
-    option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
-           help="output sample rate; 0 keeps the model's (default %(default)s)")
+
+    section("conversion")
     option("speaker_id", aliases=["--sid"], type=_ranged("speaker_id"), default=defaults.speaker_id, metavar="N",
            help="speaker of a multi-speaker model (default %(default)s)")
+    option("rms_mix_rate", type=_ranged("rms_mix_rate"), default=defaults.rms_mix_rate, metavar="R",
+           help=f"{_range_text('rms_mix_rate')}; 0: output loudness follows the input, 1: the model's own "
+                f"(default %(default)s)")
+    option("protect", type=_ranged("protect"), default=defaults.protect, metavar="P",
+           help=f"protect consonants and breaths from retrieval, {_range_text('protect')}; 0.5 turns it off "
+                f"(default %(default)s)")
     option("start", type=_ranged("start"), default=0.0, metavar="SECONDS",
            help="convert from this point of the input on (default 0)")
     option("duration", type=_ranged("duration"), default=None, metavar="SECONDS",
            help="convert only this much of the input (default: to its end)")
-    option("output_format", choices=[e[1:] for e in OUTPUT_FORMATS], default=None,
-           help="folder batches: the outputs' format (default wav)")
-    option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
-    option("precision", choices=["auto", *PRECISIONS], default="auto", help="auto: fp16 on CUDA, fp32 on the CPU")
     option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
-    option("threads", type=_ranged("threads"), default=None, metavar="N",
-           help="CPU threads for the networks and the pitch blocks (default: torch's, one per core)")
     option("no_noise", action="store_true", help="switch the synthesizer's random terms off (deterministic)")
+
+    section("pitch")
+    option("f0_up_key", aliases=["--pitch"], type=_ranged("f0_up_key"), default=defaults.f0_up_key, metavar="N",
+           help=f"transpose by N semitones, {_range_text('f0_up_key')} (default %(default)s)")
+    option("f0_method", choices=F0_METHODS, default=None,
+           help="pitch estimator (default rmvpe when rmvpe.pt is there, else harvest; crepe is for a GPU: "
+                "on a CPU it takes about ten times the rest of the conversion)")
+    option("filter_radius", type=_ranged("filter_radius"), default=defaults.filter_radius, metavar="N",
+           help=f"harvest: median-filter the pitch when >= 3, {_range_text('filter_radius')} (default %(default)s)")
     option("interp_unvoiced", action="store_true",
            help="fill unvoiced pitch from its neighbours (2026 WebUI; protect then has no effect)")
+
+    section("retrieval")
+    option("index_name", metavar="NAME",
+           help=f"feature index: <models_dir>/rvc/NAME.index; {AUTO_INDEX}: the model's own, when it has one")
+    option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
+           help=f"share of retrieved features, {_range_text('index_rate')} (default {defaults.index_rate}; "
+                f"needs --index_name)")
+
+    section("output")
+    option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
+           help=f"output sample rate, {_range_text('resample_sr')}; 0 keeps the model's (default %(default)s)")
+    option("output_format", choices=list(OUTPUT_FORMATS), default=None,
+           help=f"the format of an OUTPUT without a known extension, of - and of a folder's outputs "
+                f"(default {DEFAULT_OUTPUT_FORMAT}); a known extension wins")
+    option("bit_depth", choices=BIT_DEPTHS, default=None,
+           help=f"WAV and FLAC samples: 16-bit (the WebUI's), 24-bit or 32-bit float (WAV only) "
+                f"(default {DEFAULT_BIT_DEPTH})")
     option("json", action="store_true", help="print exactly one JSON object on stdout")
-    option("check", action="store_true", help="check that everything a conversion needs is usable; convert nothing")
-    option("list_models", action="store_true", help="list the voice models in the models folder")
-    option("info", metavar="MODEL", help="describe one voice model")
     option("quiet", action="store_true", help="no progress or summary on stderr (warnings and errors remain)")
     option("verbose", action="store_true", help="more detail on stderr, and the traceback of an error")
+
+    section("files and device")
+    option("models_dir", metavar="DIR", help=f"models folder (default ${MODELS_DIR_ENV} or models/ beside this script)")
+    option("hubert", metavar="PATH", help=f"HuBERT: hubert_base.pt or a transformers folder (default ${HUBERT_ENV} "
+                                          f"or <models_dir>/{HUBERT_FILE} or <models_dir>/{HUBERT_FOLDER}/)")
+    option("rmvpe", metavar="PATH", help=f"RMVPE weights (default ${RMVPE_ENV} or <models_dir>/{RMVPE_FILE})")
+    option("device", default="auto", metavar="DEV", help=f"{DEVICES_HELP} (default auto: the GPU when torch sees one)")
+    option("precision", choices=["auto", *PRECISIONS], default="auto",
+           help="default auto: fp16 on CUDA, fp32 on the CPU")
+    option("threads", type=_ranged("threads"), default=None, metavar="N",
+           help=f"CPU threads for the networks and the pitch blocks, {_range_text('threads')} "
+                f"(default: torch's, one per core)")
+
+    section("modes")
+    option("check", action="store_true",
+           help="say what a conversion would use and check that all of it is usable; convert nothing")
+    option("list_models", action="store_true", help="list the voice models and indexes in the models folder")
+    option("info", metavar="MODEL", help="describe one voice model")
+    parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
+
+    section("service")
     option("serve", action="store_true",
            help="run as a worker for a service: one JSON request per line on stdin, one JSON response per "
                 "line on stdout (see the README); --models_dir, --hubert, --rmvpe, --device, --precision, "
                 "--threads, --quiet and --verbose given with it apply to every request")
     option("cache_models", type=_ranged("cache_models"), default=DEFAULT_CACHE_MODELS, metavar="N",
-           help="--serve: voice models and indexes kept loaded (default %(default)s)")
-    parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
+           help=f"--serve: voice models and indexes kept loaded, {_range_text('cache_models')} (default %(default)s)")
     return parser
 
 
@@ -614,7 +689,8 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
     the pipeline wants it: mono float32 at 16 kHz, decoded, mixed down and resampled a
     block at a time into a SampleFile (in `directory`).
 
-    Channels are mixed down as the WebUI's ffmpeg does, other rates resampled.
+    Channels are mixed down as the WebUI's ffmpeg does, other rates resampled (the run's
+    summary and report say so: they are ordinary, no cause for a warning).
     Empty, non-finite or undecodable input is an InputAudioError.
     """
     path = Path(path)
@@ -650,13 +726,15 @@ def read_input_audio(path: Path, warn: Warn = print_warning, directory: Path | N
         raise
     if clipped >= CLIPPED_SAMPLES_TO_WARN:
         warn(f"the input is clipped: {clipped} samples at or beyond full scale")
-    if channels > 1:
-        warn(f"mixed {channels} channels down to mono")
-    if resampler:
-        warn(f"resampled the input from {rate} Hz to {SAMPLE_RATE} Hz")
     if duration is not None and frames < round(duration * rate):
         warn(f"the input ends {frames / rate:.3f} s after --start: converting that, not --duration {duration:g} s")
     return InputAudio(samples, rate, channels, frames / rate, peak, frames)
+
+
+def describe_input(audio: InputAudio) -> str:
+    """The input as a person would say it: "44100 Hz stereo"."""
+    layout = {1: "mono", 2: "stereo"}.get(audio.source_channels, f"{audio.source_channels} channels")
+    return f"{audio.source_rate} Hz {layout}"
 
 
 def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
@@ -666,6 +744,12 @@ def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
     peak = peak / OUTPUT_PEAK
     scale = np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
     return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
+
+
+def to_output_floats(audio: np.ndarray, peak: float) -> np.ndarray:
+    """The samples to_int16 rounds, as floats in -1..1 (for outputs of more than 16 bits)."""
+    peak = peak / OUTPUT_PEAK
+    return (audio * np.float32(1 / peak if peak > 1 else 1)).astype(np.float32)
 
 
 # "-" as INPUT reads the audio from stdin, as OUTPUT writes a WAV to stdout. Both go
@@ -696,21 +780,53 @@ def copy_to_stdout(path: Path) -> None:
         raise OutputError(f"cannot write the output to stdout ({exc.strerror or exc})", "stdout") from exc
 
 
-def output_format(path: Path) -> tuple[str, str]:
-    if str(path) == STDIO:
-        return OUTPUT_FORMATS[".wav"]
-    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        supported = ", ".join(OUTPUT_FORMATS)
-        extension = Path(path).suffix or "(no extension)"
-        raise UsageError(f"unsupported output format {extension!r}; use one of {supported}", path)
-    return fmt
+@dataclass(frozen=True)
+class OutputSpec:
+    """How an output file is written: the format's name (OUTPUT_FORMATS), soundfile's
+    format and subtype."""
+
+    name: str = DEFAULT_OUTPUT_FORMAT
+    format: str = "WAV"
+    subtype: str = "PCM_16"
+
+    @property
+    def float_samples(self) -> bool:
+        """Written from the float samples (24-bit, float), not from the WebUI's int16 ones."""
+        return self.subtype in ("PCM_24", "FLOAT")
 
 
-def check_output_writable(path: Path) -> None:
+def output_spec(path: Path | str, chosen: str | None = None, bit_depth: str | None = None) -> OutputSpec:
+    """The format of an output: its extension's when OUTPUT_FORMATS knows it, else `chosen`
+    (--output_format; "-" defaults to WAV); `bit_depth` for the formats that have one."""
+    suffix = "" if str(path) == STDIO else Path(path).suffix.lower()[1:]
+    name = suffix if suffix in OUTPUT_FORMATS else chosen or (DEFAULT_OUTPUT_FORMAT if str(path) == STDIO else None)
+    if name is None:
+        known = ", ".join(f".{n}" for n in OUTPUT_FORMATS)
+        raise UsageError(f"unsupported output format {f'.{suffix}' if suffix else '(no extension)'!r}; "
+                         f"name the output {known}, or give --output_format", path)
+    fmt, subtypes = OUTPUT_FORMATS[name]
+    if None in subtypes:
+        return OutputSpec(name, fmt, subtypes[None])
+    depth = bit_depth or DEFAULT_BIT_DEPTH
+    if depth not in subtypes:
+        raise UsageError(f"{name.upper()} holds {' or '.join(subtypes)}-bit samples, not {depth}", "--bit_depth")
+    return OutputSpec(name, fmt, subtypes[depth])
+
+
+def check_format_writable(spec: OutputSpec, subject: Path | str) -> None:
+    """The installed soundfile can write this format (MP3 came with libsndfile 1.1.0)."""
+    import soundfile as sf
+
+    if spec.format not in sf.available_formats():
+        raise OutputError(f"this soundfile (libsndfile {sf.__libsndfile_version__}) cannot write "
+                          f"{spec.name.upper()}; pip install --upgrade soundfile for one that can", subject)
+
+
+def check_output_writable(path: Path, spec: OutputSpec | None = None) -> None:
     """Fail early (before any model loads) if the output could not be written."""
     path = Path(path)
-    output_format(path)
+    spec = spec or output_spec(path)
+    check_format_writable(spec, path)
     if str(path) == STDIO:
         return
     if path.is_dir():
@@ -727,9 +843,10 @@ def check_output_writable(path: Path) -> None:
 
 
 def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sample_rate: int,
-                       before_commit: Callable[[], None] | None = None) -> int:
+                       before_commit: Callable[[], None] | None = None, spec: OutputSpec | None = None) -> int:
     """Write samples (an array, or blocks of one as they are made) to a temporary file
-    beside `path`, then rename it into place; returns the number of frames written.
+    beside `path` in `spec`'s format (by default its extension's), then rename it into
+    place; returns the number of frames written.
 
     On any failure (or an interrupt), also one raised while a block is being made, the
     temporary file is removed and an existing file at `path` is left as it was; a reader
@@ -738,7 +855,7 @@ def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sa
     import soundfile as sf
 
     path = Path(path)
-    fmt, subtype = output_format(path)
+    spec = spec or output_spec(path)
     if isinstance(blocks, np.ndarray):
         blocks = [blocks]
     try:
@@ -748,7 +865,7 @@ def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sa
     frames = 0
     try:
         with os.fdopen(fd, "wb") as handle:
-            with sf.SoundFile(handle, "w", sample_rate, 1, subtype, format=fmt) as out:
+            with sf.SoundFile(handle, "w", sample_rate, 1, spec.subtype, format=spec.format) as out:
                 for block in blocks:  # what making a block raises is not the writer's fault
                     try:
                         out.write(block)
@@ -1579,7 +1696,8 @@ def _hubert_state(path: Path, mmap: bool = False) -> tuple[HubertConfig, dict, P
     file they came from, and how that file spells our names."""
     path = Path(path)
     if not path.exists():
-        raise NotFoundError("HuBERT weights not found (hubert_base.pt or a hubert_base/ folder)", path)
+        raise NotFoundError(f"HuBERT weights not found (hubert_base.pt or a hubert_base/ folder); "
+                            f"{where_to_get(HUBERT_FILE)}", path)
     fairseq = not path.is_dir()
     if fairseq:
         config, state = _read_hubert_fairseq(path, mmap)
@@ -3549,9 +3667,10 @@ class Converter:
     def stream(self, audio: Signal, params: ConversionParams, timings: Timings | None = None,
                progress: Progress | None = None, trace: list[dict] | None = None, *,
                peak: float | None = None, directory: Path | None = None,
-               block: int = BLOCK, length: int | None = None) -> Iterator[np.ndarray]:
-        """16 kHz float audio in, blocks of int16 samples at output_rate_for(params) out:
-        steps 1-5 above, disk to disk (scratch files in `directory`), `block` samples per pass.
+               block: int = BLOCK, length: int | None = None, floats: bool = False) -> Iterator[np.ndarray]:
+        """16 kHz float audio in, blocks of int16 samples at output_rate_for(params) out
+        (floats: the float samples they round, to_output_floats): steps 1-5 above, disk to
+        disk (scratch files in `directory`), `block` samples per pass.
 
         peak: max |sample| of `audio`, when the caller knows it (else a pass finds it).
         length: the output's samples, the duration of the original input (InputAudio.length_at)
@@ -3631,12 +3750,14 @@ class Converter:
             if raw_peak < SILENT_OUTPUT_PEAK and signal_peak(conditioned, block) >= AUDIBLE_INPUT_PEAK:
                 raise UnstableOutput("the network produced silence from an input that is not silent")
             yield from self._postprocess(conditioned, raw, raw_peak, params, directory, block,
-                                         reference_length, length)
+                                         reference_length, length, to_output_floats if floats else to_int16)
 
     def _postprocess(self, conditioned: Signal, raw: SampleFile, raw_peak: float, params: ConversionParams,
-                     directory: Path | None, block: int, reference_length: int, length: int) -> Iterator[np.ndarray]:
+                     directory: Path | None, block: int, reference_length: int, length: int,
+                     scale: Callable[[np.ndarray, float], np.ndarray] = to_int16) -> Iterator[np.ndarray]:
         """Step 5, a piece at a time: loudness mixing and resampling into another SampleFile
-        (the int16 scale needs the final peak), then `length` int16 samples in blocks.
+        (the int16 scale needs the final peak), then `length` samples in blocks, as `scale`
+        makes them of the final ones (the WebUI's int16, or to_output_floats).
         raw_peak: max |raw|. reference_length: the samples of raw the reference would have
         made; the loudness envelopes are those of that length, held at their last value
         beyond it, so that the reference's samples are mixed exactly as it mixes them."""
@@ -3666,10 +3787,10 @@ class Converter:
                     peak = max(peak, float(np.abs(tail).max(initial=0.0)))
             available = min(length, len(final))
             for start in range(0, available, block):
-                yield to_int16(final[start:min(start + block, available)], peak)
+                yield scale(final[start:min(start + block, available)], peak)
             if available < length:  # never by more than a sample or two of rounding: hold the last
                 last = final[available - 1:available] if available else np.zeros(1, np.float32)
-                yield to_int16(np.repeat(last, length - available), peak)
+                yield scale(np.repeat(last, length - available), peak)
 
     def _rng(self, seed: int | None) -> torch.Generator:
         """The synthesizer's random numbers: seeded, or from fresh entropy."""
@@ -3758,14 +3879,46 @@ PROGRESS_MIN_SECONDS = 30  # inputs at least this long get a progress line on a 
 
 
 def check_name(name: str, option: str, suffix: str) -> str:
-    """MODEL and --index_name are base names inside the models folder, never paths."""
+    """MODEL and --index_name are base names inside the models folder, never paths; for
+    the path of such a file, the error says which name and --models_dir reach it."""
+    given = name
     if name.endswith(suffix):
         name = name[: -len(suffix)]
     bad = (not name or "\0" in name or "/" in name or "\\" in name or name.startswith(".")
            or ".." in name or (os.altsep is not None and os.altsep in name))
     if bad:
-        raise UsageError(f"{option} must be a plain name inside the models folder, not a path: {name!r}", option)
+        message = f"{option} must be a plain name inside the models folder, not a path: {name!r}"
+        file = Path(given)
+        if "\0" not in given and file.suffix == suffix and file.is_file():
+            as_name = f"{option} {file.stem}" if option.startswith("-") else f"{file.stem} as {option}"
+            if file.parent.name == VOICE_SUBDIR:
+                message += f"; for that file give --models_dir {file.parent.parent} and {as_name}"
+            else:
+                message += f"; move the file into <models_dir>/{VOICE_SUBDIR}/ and give {as_name}"
+        raise UsageError(message, option)
     return name
+
+
+def close_names(name: str, names: Iterable[str]) -> list[str]:
+    """The names a mistyped `name` may have meant: those that differ only in case, then
+    difflib's close matches, ignoring case."""
+    import difflib
+
+    by_lower: dict[str, list[str]] = {}
+    for known in sorted(set(names)):
+        by_lower.setdefault(known.lower(), []).append(known)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    return [known for lower in close for known in by_lower[lower]]
+
+
+def not_found_hint(name: str, folder: Path, suffix: str) -> str:
+    """What a not-found error adds: the close names of `folder`'s `suffix` files."""
+    names = [p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")] if folder.is_dir() else []
+    if not names:
+        return f"; {folder} holds no {suffix} files"
+    guesses = close_names(name, names)
+    listing = "--list_models lists them"
+    return f"; did you mean {' or '.join(map(repr, guesses))}? ({listing})" if guesses else f" ({listing})"
 
 
 @dataclass
@@ -3792,9 +3945,10 @@ class Paths:
         return paths
 
     def voice_model(self, name: str, option: str = "MODEL") -> Path:
-        path = self.models_dir / VOICE_SUBDIR / f"{check_name(name, option, '.pth')}.pth"
+        name = check_name(name, option, ".pth")
+        path = self.models_dir / VOICE_SUBDIR / f"{name}.pth"
         if not path.is_file():
-            raise NotFoundError("voice model not found", path)
+            raise NotFoundError(f"voice model not found{not_found_hint(name, path.parent, '.pth')}", path)
         return path
 
     def feature_index(self, name: str, warn: Warn = print_warning) -> Path:
@@ -3806,7 +3960,7 @@ class Paths:
                 warn(f"using {added.name} instead of {path.name} (a trained_*.index holds no vectors)")
                 path = added
         if not path.is_file():
-            raise NotFoundError("index file not found", path)
+            raise NotFoundError(f"index file not found{not_found_hint(name, path.parent, '.index')}", path)
         return path
 
 
@@ -3850,15 +4004,19 @@ def configure_onednn_cache(dtype: torch.dtype) -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
-def choose_f0_method(requested: str | None, rmvpe_path: Path) -> str:
-    """rmvpe by default when its weights are there, harvest otherwise."""
+def choose_f0_method(requested: str | None, rmvpe_path: Path) -> tuple[str, str]:
+    """The pitch estimator, and why: rmvpe by default when its weights are there, harvest
+    otherwise."""
     if requested is None:
-        return "rmvpe" if rmvpe_path.is_file() else "harvest"
+        if rmvpe_path.is_file():
+            return "rmvpe", f"the default: {rmvpe_path} is there"
+        return "harvest", f"the default without RMVPE weights: no {rmvpe_path}; {where_to_get(RMVPE_FILE)}"
     if requested in F0_OPTIONAL_PACKAGES:
         _import_optional(requested)
     elif requested == "rmvpe" and not rmvpe_path.is_file():
-        raise NotFoundError("--f0_method rmvpe needs the RMVPE weights (rmvpe.pt); not found", rmvpe_path)
-    return requested
+        raise NotFoundError(f"--f0_method rmvpe needs the RMVPE weights, not found; {where_to_get(RMVPE_FILE)}",
+                            rmvpe_path)
+    return requested, "--f0_method"
 
 
 class RunState:
@@ -4012,6 +4170,31 @@ def matching_indexes(model_name: str, index_names: Iterable[str]) -> list[str]:
         n == model_name or n == exp or n.startswith(f"{exp}_added_") or f"_{exp}_v1" in n or f"_{exp}_v2" in n))
 
 
+def choose_index(run: Run, model_path: Path) -> Path | None:
+    """The index a conversion uses: --index_name's; for `auto` the model's one matching
+    index (matching_indexes: several are a usage error, none a warning). Without
+    --index_name none is used, and a matching one gets a warning, never used silently
+    (but for --index_rate 0, which asks for no retrieval)."""
+    args, folder, model = run.args, model_path.parent, model_path.stem
+    if args.index_name and args.index_name != AUTO_INDEX:
+        return run.paths.feature_index(args.index_name, run.warn)
+    matches = matching_indexes(model, [p.stem for p in folder.glob("*.index")])
+    if args.index_name is None:
+        if matches and args.index_rate != 0:
+            files = ", ".join(f"{m}.index" for m in matches)
+            run.warn(f"{model}'s index {files} is not used: give --index_name {matches[0]} "
+                     f"(or --index_name auto) to use it" if len(matches) == 1 else
+                     f"{model}'s indexes {files} are not used: give --index_name NAME to use one")
+        return None
+    if len(matches) > 1:
+        raise UsageError(f"{AUTO_INDEX} finds {len(matches)} indexes for {model} ({', '.join(matches)}): "
+                         f"give one's name", "--index_name")
+    if not matches:
+        run.warn(f"--index_name {AUTO_INDEX} found no index for {model} in {folder}: converting without one")
+        return None
+    return folder / f"{matches[0]}.index"
+
+
 def index_summaries(folder: Path) -> list[dict]:
     """Every index file in a folder, from its header: name, dim, vectors, nlist (or an error)."""
     entries = []
@@ -4077,9 +4260,48 @@ class Networks:
 
     voice: "VoiceModel"
     f0_method: str | None  # None: the model takes no pitch
+    f0_reason: str  # why this method (choose_f0_method)
     index: FeatureIndex | None
     hubert: "HubertEncoder | Callable[[], HubertEncoder]"  # a loader: loaded when the features need it
     rmvpe: "RMVPE | None"
+
+
+def warn_no_effect(run: Run, voice: "VoiceModel", method: str | None, index_path: Path | None) -> None:
+    """One warning for each option given (unlike its default) that changes nothing here."""
+    args, defaults = run.args, ConversionParams()
+    protect_given = args.protect != defaults.protect
+    if not voice.has_f0:
+        given = {"--f0_up_key": args.f0_up_key != defaults.f0_up_key, "--f0_method": args.f0_method is not None,
+                 "--filter_radius": args.filter_radius != defaults.filter_radius,
+                 "--interp_unvoiced": args.interp_unvoiced, "--protect": protect_given}
+        for option in (option for option, is_given in given.items() if is_given):
+            run.warn(f"{option} has no effect: {args.model} is a model without pitch")
+    elif args.filter_radius != defaults.filter_radius and method != "harvest":
+        run.warn(f"--filter_radius has no effect with --f0_method {method}: it filters harvest's pitch")
+    retrieving = index_path is not None and args.index_rate != 0
+    if voice.has_f0 and protect_given and not retrieving:
+        run.warn("--protect has no effect without retrieval: it keeps consonants from the retrieved features")
+    elif voice.has_f0 and protect_given and args.interp_unvoiced:
+        run.warn("--protect has no effect with --interp_unvoiced: no frame is left unvoiced to protect")
+    if index_path is None and args.index_rate not in (None, 0):
+        run.warn("--index_rate has no effect without --index_name")
+
+
+@contextlib.contextmanager
+def incomplete_download_hint(path: Path, name: str) -> Iterator[None]:
+    """A base file under its published name that fails to load, and is smaller than every
+    published release of it, is most likely a download cut short: its error says so."""
+    try:
+        yield
+    except ModelFileError as exc:
+        try:
+            size = path.stat().st_size if path.is_file() and path.name == name else None
+        except OSError:
+            size = None
+        if size is not None and size < min(PUBLISHED_FILES[name]):
+            exc.message += (f"; it holds {size} of the published {max(PUBLISHED_FILES[name])} bytes: "
+                            f"an incomplete download? ({where_to_get(name)})")
+        raise
 
 
 def load_networks(run: Run, model_path: Path, index_path: Path | None, device: torch.device,
@@ -4092,25 +4314,28 @@ def load_networks(run: Run, model_path: Path, index_path: Path | None, device: t
     if args.speaker_id >= voice.n_speakers:
         raise UsageError(f"speaker {args.speaker_id} does not exist: the model has {voice.n_speakers} speaker(s)",
                          "--speaker_id")
-    method = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else None
+    method, reason = choose_f0_method(args.f0_method, paths.rmvpe) if voice.has_f0 else (None, "a model without pitch")
     if method == "crepe" and device.type == "cpu":  # measured: 34.6 s of pitch for 3 s of audio
         run.warn("--f0_method crepe is slow on a CPU (about ten times the rest of the conversion); "
                  "rmvpe or harvest are much faster")
-    if index_path is None and args.index_rate is not None:
-        run.warn("--index_rate has no effect without --index_name")
+    warn_no_effect(run, voice, method, index_path)
     index = None
     if index_path:
         index = run.load("index", index_path, lambda _: load_index(index_path, voice.phone_dim),
                          key=(index_path, voice.phone_dim))
-    if staged:
-        config = inspect_hubert(paths.hubert)  # its errors, before any work
-        hubert: HubertEncoder | Callable[[], HubertEncoder] = partial(load_hubert, paths.hubert)
-    else:
-        hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
-        config = hubert.config
+    with incomplete_download_hint(paths.hubert, HUBERT_FILE):
+        if staged:
+            config = inspect_hubert(paths.hubert)  # its errors, before any work
+            hubert: HubertEncoder | Callable[[], HubertEncoder] = partial(load_hubert, paths.hubert)
+        else:
+            hubert = run.load("hubert", paths.hubert, lambda _: load_hubert(paths.hubert))
+            config = hubert.config
     check_hubert_fits(config, voice.version, voice.phone_dim, paths.hubert)
-    rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe)) if method == "rmvpe" else None
-    return Networks(voice, method, index, hubert, rmvpe)
+    rmvpe = None
+    if method == "rmvpe":
+        with incomplete_download_hint(paths.rmvpe, RMVPE_FILE):
+            rmvpe = run.load("rmvpe", paths.rmvpe, lambda _: load_rmvpe(paths.rmvpe))
+    return Networks(voice, method, reason, index, hubert, rmvpe)
 
 
 def use_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -4129,10 +4354,13 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     if not (args.input and args.output and args.model):
         raise UsageError("INPUT, OUTPUT and MODEL are required")
     model_path = paths.voice_model(args.model)
-    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
-    check_output_writable(Path(args.output))
-    if args.output_format and Path(args.output).suffix.lower() != f".{args.output_format}":
-        run.warn("--output_format has no effect here: it is for folder batches (OUTPUT's extension is the format)")
+    index_path = choose_index(run, model_path)
+    spec = output_spec(args.output, args.output_format, args.bit_depth)
+    check_output_writable(Path(args.output), spec)
+    if args.output_format and spec.name != args.output_format:
+        run.warn(f"--output_format {args.output_format} has no effect: OUTPUT's extension makes it {spec.name}")
+    if args.bit_depth and None in OUTPUT_FORMATS[spec.name][1]:
+        run.warn(f"--bit_depth has no effect on {spec.name.upper()}: a lossy format has no bit depth")
     scratch = run.output_file().parent  # the scratch audio goes beside the output
     device, dtype = use_device(args)
     timings = run.report.get("timings") or Timings()
@@ -4164,12 +4392,27 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     reload = partial(load_voice_model, model_path, warn=lambda _: None)  # its warnings were given
     converter = Converter(voice, nets.hubert, nets.rmvpe, nets.index, device, dtype, staged=staged,
                           voice_loader=reload)
+    rate = converter.output_rate_for(params)
+    if spec.format == "MP3" and rate not in MP3_RATES:
+        if args.resample_sr:
+            raise UsageError(f"MP3 has no {rate} Hz audio; its rates are {', '.join(map(str, MP3_RATES))}",
+                             "--resample_sr")
+        params = replace(params, resample_sr=next(r for r in MP3_RATES if r >= rate))
+        run.say(f"MP3 has no {rate} Hz audio: the output is resampled to {params.resample_sr} Hz")
     run.report.update(
         output=args.output, model=model_path.stem, index=index_path.stem if index_path else None,
         model_version=voice.version, model_sample_rate=voice.sample_rate, model_f0=voice.has_f0,
         f0_method=method, device=str(device), threads=torch.get_num_threads(), precision=precision_name(dtype),
         input_duration=round(audio.duration, 6), input_sample_rate=audio.source_rate,
-        input_channels=audio.source_channels, timings=timings)
+        input_channels=audio.source_channels, output_format=spec.name, output_subtype=spec.subtype,
+        f0_reason=nets.f0_reason, timings=timings)
+    if args.check:  # what was found where, and what the conversion would use
+        run.report["resolved"] = {
+            "model": str(model_path), "hubert": str(paths.hubert),
+            "rmvpe": str(paths.rmvpe) if method == "rmvpe" else None, "f0_method": method,
+            "f0_reason": nets.f0_reason, "index": str(index_path) if index_path else None,
+            "device": str(device), "precision": precision_name(dtype),
+            "sample_rate": converter.output_rate_for(params)}
     if args.start or args.duration is not None:  # the region converted, to the input's sample
         run.report["region"] = {"start": round(round(args.start * audio.source_rate) / audio.source_rate, 6),
                                 "duration": round(audio.duration, 6)}
@@ -4196,6 +4439,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verify_published(run: Run, path: Path, name: str) -> str | None:
+    """--check: a base file of a published release's size is checked against its SHA-256;
+    a mismatch (a damaged download) is a warning. What was found, or None (no such size)."""
+    try:
+        expected = PUBLISHED_FILES[name].get(path.stat().st_size) if path.is_file() else None
+    except OSError:
+        return None
+    if expected is None:
+        return None
+    if file_sha256(path) == expected:
+        return f"the published {name}: SHA-256 verified"
+    run.warn(f"{path} has the size of the published {name} but not its SHA-256: a damaged download? "
+             f"({where_to_get(name)})")
+    return f"not the published {name}: SHA-256 differs"
+
+
 def write_conversion(run: Run, converter: Converter, audio: InputAudio,
                      params: ConversionParams) -> tuple[int, int, str]:
     """Convert the input into the output file (atomically): (frames written, their rate,
@@ -4208,11 +4467,13 @@ def write_conversion(run: Run, converter: Converter, audio: InputAudio,
 
     output = run.output_file()
     rate = converter.output_rate_for(params)
+    spec = output_spec(run.args.output, run.args.output_format, run.args.bit_depth)
     blocks = converter.stream(audio.samples, params, timings, progress if long_input else None,
-                              peak=audio.peak, directory=output.parent, length=audio.length_at(rate))
+                              peak=audio.peak, directory=output.parent, length=audio.length_at(rate),
+                              floats=spec.float_samples)
     start, counted = time.perf_counter(), timings.stages()
     try:
-        frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit)
+        frames = write_audio_atomic(output, blocks, rate, before_commit=run.state.begin_commit, spec=spec)
         sha256 = file_sha256(output)
         if run.args.output == STDIO:
             copy_to_stdout(output)
@@ -4223,10 +4484,32 @@ def write_conversion(run: Run, converter: Converter, audio: InputAudio,
     return frames, rate, sha256
 
 
+def say_resolved(run: Run, converter: Converter) -> None:
+    """--check's account of what a conversion would use, a line each."""
+    report, resolved = run.report, run.report["resolved"]
+    index = converter.index.index if converter.index is not None else None
+    lines = {
+        "voice model": f"{resolved['model']} ({report['model_version']}, {report['model_sample_rate']} Hz, "
+                       f"{'with' if report['model_f0'] else 'without'} pitch)",
+        "HuBERT": resolved["hubert"] + (f" ({resolved['hubert_release']})" if resolved["hubert_release"] else ""),
+        "pitch": f"{resolved['f0_method'] or 'none'} ({resolved['f0_reason']})",
+        **({"RMVPE": f"{resolved['rmvpe']} ({resolved['rmvpe_release']})"} if resolved["rmvpe_release"] else {}),
+        "index": f"{resolved['index']} ({index.d}-dim, {index.ntotal} vectors)" if index is not None else "none",
+        "device": f"{resolved['device']}, {resolved['precision']}, {report['threads']} thread(s)",
+        "output": f"{report['output_format']} {report['output_subtype']} at {resolved['sample_rate']} Hz",
+    }
+    for name, value in lines.items():
+        run.say(f"{name + ':':13} {value}")
+
+
 def convert(run: Run) -> int:
     converter, audio, params = prepare(run)
     if run.args.check:
+        resolved = run.report["resolved"]
+        for kind, name in (("hubert", HUBERT_FILE), ("rmvpe", RMVPE_FILE)):
+            resolved[f"{kind}_release"] = resolved[kind] and verify_published(run, Path(resolved[kind]), name)
         run.report["check"] = "ok"
+        say_resolved(run, converter)
         run.say(f"ok: {run.args.model} is ready to convert {run.args.input}")
         return EXIT_OK
     unstable = None
@@ -4252,7 +4535,8 @@ def convert(run: Run) -> int:
                           index_nprobe=getattr(converter.index.index, "nprobe", None))
     where = "stdout" if run.args.output == STDIO else run.args.output
     run.say(f"wrote {where}: {frames / rate:.2f} s at {rate} Hz in {total:.1f} s "
-            f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'})")
+            f"({converter.device}, {run.report['precision']}, f0 {run.report['f0_method'] or 'none'}; "
+            f"from {describe_input(audio)})")
     return EXIT_OK
 
 
@@ -4339,8 +4623,11 @@ def batch(run: Run) -> int:
     inputs = batch_inputs(source)
     if not inputs:
         raise InputAudioError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the folder", source)
+    extension = f".{args.output_format or DEFAULT_OUTPUT_FORMAT}"
+    check_format_writable(output_spec(f"output{extension}", bit_depth=args.bit_depth), target)
     model_path = paths.voice_model(args.model)
-    index_path = paths.feature_index(args.index_name, run.warn) if args.index_name else None
+    index_path = choose_index(run, model_path)
+    args.index_name = index_path.stem if index_path else None  # each file's, as resolved for all
     device, _ = use_device(args)
     if run.models is None:
         run.models = ModelCache()
@@ -4351,7 +4638,6 @@ def batch(run: Run) -> int:
         raise OutputError(f"cannot create the output folder ({exc.strerror})", target) from exc
     files: list[dict] = []
     run.report.update(input=str(source), output=str(target), model=model_path.stem, files=files)
-    extension = f".{args.output_format or 'wav'}"
     for k, (path, output) in enumerate(zip(inputs, batch_outputs(inputs, target, extension)), 1):
         run.say(f"[{k}/{len(inputs)}] {path.name}")
         state = RunState(said=run.state.said)

@@ -26,7 +26,8 @@ def speech(tmp_path_factory):
 
 
 def convert(capsys, models, source, output, *extra):
-    return run_main(capsys, source, output, "voice", "--models_dir", models, "--no_noise", "--json", *extra)
+    return run_main(capsys, source, output, "voice", "--models_dir", models, "--no_noise", "--json",
+                    "--index_name", "voice", *extra)
 
 
 def broken_synthesizer(monkeypatch, make: str, times: int | None = None) -> list:
