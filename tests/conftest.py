@@ -103,3 +103,22 @@ def run_main(capsys, *args) -> tuple[int, dict, str]:
     code = rvc.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, json.loads(out), err
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A models folder as the README lays it out, with tiny networks (factories.
+    make_models_folder), one per test module; a module may define its own instead."""
+    from factories import make_models_folder
+
+    return make_models_folder(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """One second of speech_like() as a 16 kHz 16-bit WAV."""
+    import soundfile as sf
+
+    path = tmp_path_factory.mktemp("in") / "speech.wav"
+    sf.write(path, speech_like(1.0), 16000, subtype="PCM_16")
+    return path

@@ -21,13 +21,6 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "speech.wav"
-    sf.write(path, speech_like(1.0), rvc.SAMPLE_RATE, subtype="PCM_16")
-    return path
-
-
 def run(capsys, models, speech, tmp_path, model="voice", *extra):
     return run_main(capsys, speech, tmp_path / "out.wav", model, "--models_dir", models, "--json", "--no_noise",
                     "--check", *extra)

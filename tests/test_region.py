@@ -9,14 +9,8 @@ import soundfile as sf
 
 import rvc_modulator as rvc
 from conftest import run_main, speech_like
-from factories import make_models_folder
 
 RATE = 44100  # a source rate the pipeline resamples from
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models_folder(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,7 @@ import soundfile as sf
 import torch
 
 import rvc_modulator as rvc
-from conftest import run_main, speech_like
-from factories import make_models_folder
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models_folder(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "speech.wav"
-    sf.write(path, speech_like(1.5), rvc.SAMPLE_RATE, subtype="PCM_16")
-    return path
+from conftest import run_main
 
 
 def convert(capsys, models, source, output, *extra):
