@@ -214,12 +214,6 @@ PUBLISHED_FILES: dict[str, dict[int, str]] = {
     RMVPE_FILE: {181184272: "6d62215f4306e3ca278246188607209f09af3dc77ed4232efdd069798c4ec193",
                  181189687: "a5ed4719f59085d1affc5d81354c70828c740584f2d24e782523345a6a278962"},
 }
-
-
-def where_to_get(name: str) -> str:
-    """A not-found error's hint: the public source of a base file, and its size."""
-    size = max(PUBLISHED_FILES[name])
-    return f"download {name} ({size / 1e6:.0f} MB) from {BASE_FILES_URL}{name}"
 DEVICES_HELP = "auto|cpu|cuda|cuda:N"
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision: torch dtype names
 # Output formats, by name (also their file extension): soundfile's format and its subtype
@@ -257,6 +251,12 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "duration": (float, 1e-3, 1e7),  # seconds
 }
 DEFAULT_CACHE_MODELS = 4  # --serve: voice models (and as many indexes) kept loaded
+
+
+def where_to_get(name: str) -> str:
+    """A not-found error's hint: the public source of a base file (PUBLISHED_FILES), and its size."""
+    size = max(PUBLISHED_FILES[name])
+    return f"download {name} ({size / 1e6:.0f} MB) from {BASE_FILES_URL}{name}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -737,19 +737,23 @@ def describe_input(audio: InputAudio) -> str:
     return f"{audio.source_rate} Hz {layout}"
 
 
-def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
-    """int16 samples as the reference makes them; `peak` is max |sample| of the whole
-    output this block belongs to: outputs peaking above OUTPUT_PEAK are normalised to that
-    peak, others are left as they are."""
+def int16_scale(peak: float) -> np.float32:
+    """The reference's factor from float audio to int16 steps; `peak` is max |sample| of the
+    whole output: outputs peaking above OUTPUT_PEAK are normalised to that peak, others are
+    left as they are."""
     peak = peak / OUTPUT_PEAK
-    scale = np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
-    return (audio * scale).astype(np.int16)  # truncation toward zero, as the reference
+    return np.float32(INT16_SCALE / peak if peak > 1 else INT16_SCALE)
+
+
+def to_int16(audio: np.ndarray, peak: float) -> np.ndarray:
+    """int16 samples as the reference makes them (int16_scale)."""
+    return (audio * int16_scale(peak)).astype(np.int16)  # truncation toward zero, as the reference
 
 
 def to_output_floats(audio: np.ndarray, peak: float) -> np.ndarray:
-    """The samples to_int16 rounds, as floats in -1..1 (for outputs of more than 16 bits)."""
-    peak = peak / OUTPUT_PEAK
-    return (audio * np.float32(1 / peak if peak > 1 else 1)).astype(np.float32)
+    """The samples to_int16 truncates, as floats in -1..1 (for outputs of more than 16 bits);
+    dividing by INT16_SCALE, a power of two, is exact."""
+    return (audio * (int16_scale(peak) / np.float32(INT16_SCALE))).astype(np.float32)
 
 
 # "-" as INPUT reads the audio from stdin, as OUTPUT writes a WAV to stdout. Both go
@@ -1090,21 +1094,28 @@ class StoredLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
+def checked_on_meta(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], path: Path,
+                    ignore: Iterable[str] = (), spell: Callable[[str], str] = str) -> nn.Module:
+    """The network built on the meta device (no storage, no random initialisation: for a
+    full-size model that saves about a second) and checked against the file's tensors."""
+    with torch.device("meta"):
+        module = build()
+    check_state_dict(module, state, path, ignore, spell)
+    return module
+
+
 def load_checked(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], path: Path,
                  ignore: Iterable[str] = (), spell: Callable[[str], str] = str) -> nn.Module:
     """Build a network, check the file's tensors against it, and adopt them as fp32 (eval
     mode), but for the weights of its StoredLinear layers, which keep the file's fp16.
 
-    The network is built on the meta device (no storage, no random initialisation: for a
-    full-size model that saves about a second, and every tensor is replaced anyway); the
-    file's tensors are then assigned to it, cast to fp32 (a no-op for fp32 files). A dict
+    The network is built and checked on the meta device (checked_on_meta: every tensor is
+    replaced anyway); the file's tensors are then assigned to it, cast to fp32 (a no-op for fp32 files). A dict
     `state` is emptied of them as they are cast, so that where the caller holds no other
     reference the file's fp16 copy and the fp32 one are never both whole in memory
     (hubert_base: 190 MB less at its peak).
     """
-    with torch.device("meta"):
-        module = build()
-    check_state_dict(module, state, path, ignore, spell)
+    module = checked_on_meta(build, state, path, ignore, spell)
     stored_half = {f"{name}.weight" for name, layer in module.named_modules() if isinstance(layer, StoredLinear)}
     adopted = {}
     for key in module.state_dict():
@@ -1691,9 +1702,10 @@ def _fold_pos_conv(state: dict[str, torch.Tensor], config: HubertConfig, path: P
         raise ModelFileError(f"{file_name(HUBERT_POS_CONV)!r} weight norm is not made of tensors", path) from None
 
 
-def _hubert_state(path: Path, mmap: bool = False) -> tuple[HubertConfig, dict, Path, Callable[[str], str]]:
+def _hubert_state(path: Path, mmap: bool = False) -> tuple[HubertConfig, dict, Path, dict[str, Any]]:
     """A HuBERT file's config, its tensors under our names (mmap: mapped, not read), the
-    file they came from, and how that file spells our names."""
+    file they came from, and the `ignore` and `spell` of its key check (check_state_dict):
+    the keys inference does not use, and how that file spells our names."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"HuBERT weights not found (hubert_base.pt or a hubert_base/ folder); "
@@ -1709,26 +1721,24 @@ def _hubert_state(path: Path, mmap: bool = False) -> tuple[HubertConfig, dict, P
     def file_name(key: str) -> str:  # our tensor name as the file spells it
         return _rename_prefix(key, HUBERT_FAIRSEQ_NAMES, to_ours=False) if fairseq else key
 
-    return config, _fold_pos_conv(state, config, weights_path, file_name), weights_path, file_name
+    state = _fold_pos_conv(state, config, weights_path, file_name)
+    checks = {"ignore": [k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], "spell": file_name}
+    return config, state, weights_path, checks
 
 
 @blocks_outside_heap()
 def load_hubert(path: Path) -> HubertEncoder:
     """The HuBERT encoder in a fairseq checkpoint file or a transformers folder (fp32, eval)."""
-    config, state, weights_path, file_name = _hubert_state(path)
-    return load_checked(lambda: HubertEncoder(config), state, weights_path,
-                        ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)], spell=file_name)
+    config, state, weights_path, checks = _hubert_state(path)
+    return load_checked(lambda: HubertEncoder(config), state, weights_path, **checks)
 
 
 def inspect_hubert(path: Path) -> HubertConfig:
     """Every check load_hubert makes (the file, its config, every key and shape), without
     reading the weights (they are mapped): the HuBERT's config, for a conversion that loads
     the network itself only once the pitch is done."""
-    config, state, weights_path, file_name = _hubert_state(path, mmap=True)
-    with torch.device("meta"):
-        module = HubertEncoder(config)
-    check_state_dict(module, state, weights_path, ignore=[k for k in state if HUBERT_UNUSED_KEYS.fullmatch(k)],
-                     spell=file_name)
+    config, state, weights_path, checks = _hubert_state(path, mmap=True)
+    checked_on_meta(lambda: HubertEncoder(config), state, weights_path, **checks)
     return config
 
 
