@@ -33,8 +33,9 @@ it (tests/test_structure.py checks that), so it can be read from the top down.
   10. Retrieval       faiss index loading (and reading an index's header) and feature blending.
   11. Pipeline        conditioning, segmentation, per-segment conversion, post-processing.
   12. Modes           a run and what it owns; convert, check, list models, model info;
-                      12b folder batches; 12c the service worker (--serve). (The
-                      training tools belong here, after them.)
+                      12b folder batches; 12c the service worker (--serve); 12d the
+                      training tools (dataset, index, extraction, merging); 12e the
+                      choice of mode.
   13. Command line    the entry point: one run, its exit code and its --json report.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -195,6 +197,8 @@ class ConversionParams:
     noise: bool = True  # False: the synthesizer's random terms are off (as in the fixtures)
     seed: int | None = None
     interp_unvoiced: bool = False
+    index_k: int = 8  # stored features blended per feature
+    nprobe: int | None = None  # inverted lists searched (None: the index file's own, as the WebUI)
 
 
 MODELS_DIR_ENV, HUBERT_ENV, RMVPE_ENV = "RVC_MODELS_DIR", "RVC_HUBERT", "RVC_RMVPE"
@@ -249,7 +253,13 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "cache_models": (int, 1, 1024),
     "start": (float, 0.0, 1e7),  # seconds into the input
     "duration": (float, 1e-3, 1e7),  # seconds
+    "index_k": (int, 1, 1024),
+    "nprobe": (int, 1, 1 << 20),
+    "alpha": (float, 0.0, 1.0),
 }
+# The training tools' --sample_rate (the rates of the WebUI's pretrained models) and --model_version.
+DATASET_RATES, DEFAULT_DATASET_RATE = (32000, 40000, 48000), 40000
+MODEL_VERSIONS = ("v1", "v2")  # 256-d and 768-d content features
 DEFAULT_CACHE_MODELS = 4  # --serve: voice models (and as many indexes) kept loaded
 
 
@@ -284,11 +294,22 @@ def _ranged(name: str) -> Callable[[str], Any]:
     return parse
 
 
+def _dataset_rate(text: str) -> int:
+    """--sample_rate: 32000, 40000 or 48000, also written 32k, 40k, 48k."""
+    rate = text.lower().removesuffix("k") + ("000" if text.lower().endswith("k") else "")
+    if not rate.isdigit() or int(rate) not in DATASET_RATES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, DATASET_RATES))}, got {text}")
+    return int(rate)
+
+
 HELP_EXAMPLES = """examples:
   python rvc_modulator.py in.wav out.wav MyVoice --index_name auto --f0_up_key 12
   python rvc_modulator.py in.wav out.wav MyVoice --check      what it would use, and whether all is there
   python rvc_modulator.py --list_models                       the voice models and indexes
-  python rvc_modulator.py recordings/ converted/ MyVoice --output_format flac"""
+  python rvc_modulator.py recordings/ converted/ MyVoice --output_format flac
+  python rvc_modulator.py --prepare_dataset recordings/ work/     a training set in the WebUI's layout
+  python rvc_modulator.py --build_index work/ MyVoice             models/rvc/MyVoice.index
+  python rvc_modulator.py --extract_model logs/me/G_2333.pth MyVoice   a small model from a checkpoint"""
 
 
 def _range_text(name: str) -> str:
@@ -302,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "  failed, 130 interrupted")
     parser = _Parser(prog="rvc_modulator.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                      usage="%(prog)s INPUT OUTPUT MODEL [options]\n"
-                           "       %(prog)s --list_models | --info MODEL | --serve [options]",
+                           "       %(prog)s --list_models | --info MODEL | --serve [options]\n"
+                           "       %(prog)s --prepare_dataset DATASET_DIR WORK_DIR | --build_index DIR NAME |\n"
+                           "           --extract_model CHECKPOINT NAME | --merge_models MODEL_A MODEL_B NAME [options]",
                      description="Convert the voice in a recording to the voice of an RVC model.",
                      epilog=f"{exit_codes}\n\n{HELP_EXAMPLES}")
     defaults = ConversionParams()  # the WebUI's defaults, stated once (above)
@@ -335,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
            help="convert from this point of the input on (default 0)")
     option("duration", type=_ranged("duration"), default=None, metavar="SECONDS",
            help="convert only this much of the input (default: to its end)")
-    option("seed", type=_ranged("seed"), default=None, metavar="N", help="seed the synthesizer's noise")
+    option("seed", type=_ranged("seed"), default=None, metavar="N",
+           help="seed the synthesizer's noise (and --build_index's shuffle)")
     option("no_noise", action="store_true", help="switch the synthesizer's random terms off (deterministic)")
 
     section("pitch")
@@ -355,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("index_rate", type=_ranged("index_rate"), default=None, metavar="R",
            help=f"share of retrieved features, {_range_text('index_rate')} (default {defaults.index_rate}; "
                 f"needs --index_name)")
+    option("index_k", type=_ranged("index_k"), default=defaults.index_k, metavar="K",
+           help=f"stored features blended per feature, {_range_text('index_k')} (default %(default)s)")
+    option("nprobe", type=_ranged("nprobe"), default=None, metavar="N",
+           help="inverted lists searched; more finds closer features, slower (default: the index's own, "
+                "1 in WebUI indexes)")
 
     section("output")
     option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
@@ -387,6 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     option("list_models", action="store_true", help="list the voice models and indexes in the models folder")
     option("info", metavar="MODEL", help="describe one voice model")
     parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
+
+    section("training tools (see the README's \"Training a voice\")")
+    option("prepare_dataset", nargs=2, metavar=("DATASET_DIR", "WORK_DIR"),
+           help="slice a folder of recordings and compute their HuBERT features and pitch, in the WebUI's "
+                "layout (resumable)")
+    option("build_index", nargs=2, metavar=("DIR", "NAME"),
+           help="<models_dir>/rvc/NAME.index from a prepared WORK_DIR or from a folder of recordings")
+    option("extract_model", nargs=2, metavar=("CHECKPOINT", "NAME"),
+           help="<models_dir>/rvc/NAME.pth, the small voice model of a training checkpoint (G_*.pth)")
+    option("merge_models", nargs=3, metavar=("MODEL_A", "MODEL_B", "NAME"),
+           help="<models_dir>/rvc/NAME.pth with the weights A * MODEL_A + (1 - A) * MODEL_B (--alpha)")
+    option("alpha", type=_ranged("alpha"), default=0.5, metavar="A",
+           help=f"--merge_models: MODEL_A's share, {_range_text('alpha')} (default %(default)s)")
+    option("sample_rate", type=_dataset_rate, default=None, metavar="HZ",
+           help=f"the model's rate, {'|'.join(map(str, DATASET_RATES))} (default {DEFAULT_DATASET_RATE}; "
+                f"--extract_model: read from the checkpoint)")
+    option("model_version", choices=MODEL_VERSIONS, default=None,
+           help="v1 (256-d features) or v2 (768-d) (default v2; --build_index: the features DIR holds)")
+    option("comment", metavar="TEXT", help="the info text of an extracted or merged model")
 
     section("service")
     option("serve", action="store_true",
@@ -826,13 +874,9 @@ def check_format_writable(spec: OutputSpec, subject: Path | str) -> None:
                           f"{spec.name.upper()}; pip install --upgrade soundfile for one that can", subject)
 
 
-def check_output_writable(path: Path, spec: OutputSpec | None = None) -> None:
-    """Fail early (before any model loads) if the output could not be written."""
-    path = Path(path)
-    spec = spec or output_spec(path)
-    check_format_writable(spec, path)
-    if str(path) == STDIO:
-        return
+def check_path_writable(path: Path) -> None:
+    """Fail early if a file could not be written at `path` (a folder there, no folder for
+    it, or one without write permission)."""
     if path.is_dir():
         raise OutputError("output path is a directory", path)
     parent = path.parent
@@ -846,38 +890,34 @@ def check_output_writable(path: Path, spec: OutputSpec | None = None) -> None:
     os.unlink(probe)
 
 
-def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sample_rate: int,
-                       before_commit: Callable[[], None] | None = None, spec: OutputSpec | None = None) -> int:
-    """Write samples (an array, or blocks of one as they are made) to a temporary file
-    beside `path` in `spec`'s format (by default its extension's), then rename it into
-    place; returns the number of frames written.
-
-    On any failure (or an interrupt), also one raised while a block is being made, the
-    temporary file is removed and an existing file at `path` is left as it was; a reader
-    never sees a half-written output.
-    """
-    import soundfile as sf
-
+def check_output_writable(path: Path, spec: OutputSpec | None = None) -> None:
+    """Fail early (before any model loads) if the output could not be written."""
     path = Path(path)
-    spec = spec or output_spec(path)
-    if isinstance(blocks, np.ndarray):
-        blocks = [blocks]
+    check_format_writable(spec or output_spec(path), path)
+    if str(path) != STDIO:
+        check_path_writable(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, before_commit: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write. When the block ends, the file
+    is flushed to disk and renamed onto `path` (after before_commit()); when it fails or is
+    interrupted, the file is removed and an existing file at `path` stays as it was. A
+    reader never sees a half-written file."""
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"cannot create the output file ({exc.strerror})", path) from exc
-    frames = 0
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            with sf.SoundFile(handle, "w", sample_rate, 1, spec.subtype, format=spec.format) as out:
-                for block in blocks:  # what making a block raises is not the writer's fault
-                    try:
-                        out.write(block)
-                    except (RuntimeError, sf.LibsndfileError) as exc:
-                        raise OutputError(f"cannot write the output ({_first_line(exc)})", path) from exc
-                    frames += len(block)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
@@ -885,13 +925,32 @@ def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sa
             before_commit()
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write the output ({exc.strerror or exc})", path) from exc
         raise
+
+
+def write_audio_atomic(path: Path, blocks: np.ndarray | Iterable[np.ndarray], sample_rate: int,
+                       before_commit: Callable[[], None] | None = None, spec: OutputSpec | None = None) -> int:
+    """Write samples (an array, or blocks of one as they are made) in `spec`'s format (by
+    default its extension's) through atomic_file(); returns the number of frames written.
+    Also a failure raised while a block is being made leaves nothing behind."""
+    import soundfile as sf
+
+    path = Path(path)
+    spec = spec or output_spec(path)
+    if isinstance(blocks, np.ndarray):
+        blocks = [blocks]
+    frames = 0
+    with atomic_file(path, before_commit) as tmp, \
+            sf.SoundFile(str(tmp), "w", sample_rate, 1, spec.subtype, format=spec.format) as out:
+        for block in blocks:  # what making a block raises is not the writer's fault
+            try:
+                out.write(block)
+            except (RuntimeError, sf.LibsndfileError) as exc:
+                raise OutputError(f"cannot write the output ({_first_line(exc)})", path) from exc
+            frames += len(block)
     return frames
 
 
@@ -2980,8 +3039,8 @@ def _read_voice_checkpoint(path: Path) -> Mapping[str, Any]:
         if any(k.startswith("discriminators.") for k in keys):
             raise ModelFileError("discriminator checkpoint (D_*.pth), not a voice model", path)
         if any(k.startswith(("enc_p.", "flow.", "dec.")) for k in keys):
-            raise ModelFileError("this is a training checkpoint (G_*.pth), not a voice model; extract a "
-                                 "small model first (WebUI: ckpt processing -> extract)", path)
+            raise ModelFileError("this is a training checkpoint (G_*.pth), not a voice model; extract the small "
+                                 f"model first: --extract_model {path} NAME", path)
         raise ModelFileError(f"not a voice model: it has no 'weight' state dict{_guess_contents(keys)}", path)
     weight = ckpt["weight"]
     if not isinstance(weight, Mapping) or not all(
@@ -3303,7 +3362,6 @@ def estimate_f0(audio_pad: Signal, p_len: int, method: str, *, f0_up_key: int = 
 # 10. Retrieval
 # =============================================================================
 
-INDEX_NEIGHBOURS = 8  # k nearest stored features blended per 20 ms feature
 MIN_SQUARED_DISTANCE = 1e-12  # guards 1/d² against an exact match (the reference divides by 0)
 
 
@@ -3314,6 +3372,12 @@ class FeatureIndex:
     path: Path
     index: Any  # faiss.Index
     vectors: np.ndarray  # (N, D) float32: the stored features themselves
+    ivf: Any = None  # its inverted-file part (faiss.IndexIVF), None when it has none
+    nprobe: int | None = None  # the lists the file says to search
+
+    @property
+    def nlist(self) -> int | None:
+        return None if self.ivf is None else int(self.ivf.nlist)
 
 
 def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
@@ -3336,7 +3400,9 @@ def load_index(path: Path, phone_dim: int | None = None) -> FeatureIndex:
         vectors = index.reconstruct_n(0, index.ntotal)
     except Exception as exc:
         raise ModelFileError(f"cannot read the vectors of the index ({_first_line(exc)})", path) from exc
-    return FeatureIndex(path, index, np.ascontiguousarray(vectors, dtype=np.float32))
+    ivf = faiss.try_extract_index_ivf(index)
+    return FeatureIndex(path, index, np.ascontiguousarray(vectors, dtype=np.float32), ivf,
+                        None if ivf is None else int(ivf.nprobe))
 
 
 # Every faiss index file starts with a four-character code (IVF types "Iw..", e.g. "IwFl"
@@ -3381,10 +3447,13 @@ def read_index_header(path: Path) -> IndexHeader:
     return IndexHeader(dim, vectors, nlist, nprobe)
 
 
-def retrieve(feats: np.ndarray, index: FeatureIndex) -> np.ndarray:
+def retrieve(feats: np.ndarray, index: FeatureIndex, k: int, nprobe: int | None = None) -> np.ndarray:
     """Each feature's k nearest stored features (squared L2 distance d², as faiss's IVF-Flat
-    returns it), averaged with weights 1/d⁴ normalised to sum 1: (T, D) -> (T, D)."""
-    distances, ids = index.index.search(np.ascontiguousarray(feats, dtype=np.float32), INDEX_NEIGHBOURS)
+    returns it), averaged with weights 1/d⁴ normalised to sum 1: (T, D) -> (T, D). An IVF
+    index searches `nprobe` of its lists (None: as many as its file says)."""
+    if index.ivf is not None:  # (set for every search: a worker's requests share the index)
+        index.ivf.nprobe = index.nprobe if nprobe is None else nprobe
+    distances, ids = index.index.search(np.ascontiguousarray(feats, dtype=np.float32), k)
     weights = np.square(1.0 / np.maximum(distances, MIN_SQUARED_DISTANCE))
     weights[ids < 0] = 0  # faiss pads with -1 when a probed list holds fewer than k vectors
     total = weights.sum(axis=1, keepdims=True)
@@ -3825,7 +3894,7 @@ class Converter:
         if trace is not None:
             trace["feats_hubert"] = feats[0].float().cpu().numpy()
         if self.index is not None and params.index_rate != 0:
-            retrieved = retrieve(feats[0].float().cpu().numpy(), self.index)
+            retrieved = retrieve(feats[0].float().cpu().numpy(), self.index, params.index_k, params.nprobe)
             retrieved = torch.from_numpy(retrieved)[None].to(self.device, feats.dtype)
             feats = retrieved * params.index_rate + (1 - params.index_rate) * feats
             if trace is not None:
@@ -4139,6 +4208,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     report: dict = field(default_factory=dict)
     models: ModelCache | None = None
+    _progress_shown: bool = field(default=False, repr=False)  # a progress_line awaits its newline
 
     def warn(self, message: str) -> None:
         self.state.warn(message)
@@ -4158,7 +4228,14 @@ class Run:
     def say(self, message: str) -> None:
         """Information for a person at a terminal: stderr, silenced by --quiet."""
         if not self.args.quiet:
-            print(message, file=sys.stderr, flush=True)
+            print(("\n" if self._progress_shown else "") + message, file=sys.stderr, flush=True)
+            self._progress_shown = False
+
+    def progress_line(self, message: str) -> None:
+        """A line of progress that the next one overwrites: on a terminal only."""
+        if not self.args.quiet and sys.stderr.isatty():
+            print(f"\r{message}\x1b[K", end="", file=sys.stderr, flush=True)
+            self._progress_shown = True
 
     def detail(self, message: str) -> None:
         if self.args.verbose and not self.args.quiet:
@@ -4314,6 +4391,23 @@ def incomplete_download_hint(path: Path, name: str) -> Iterator[None]:
         raise
 
 
+# An IVF index searched in one list of many misses most near neighbours: measured on an
+# Applio-built index, 69 % of the true 8 nearest at nprobe 1 against 97 % at nprobe 8.
+NPROBE_HINT_LISTS = 64  # indexes with at least this many lists get the hint
+NPROBE_SUGGESTED = 8
+
+
+def hint_nprobe(run: Run, index: FeatureIndex | None, params: ConversionParams) -> None:
+    """Information (not a warning: the WebUI searches so too) when a large IVF index is
+    searched in a single list."""
+    if index is None or index.nlist is None or params.index_rate == 0:
+        return
+    nprobe = index.nprobe if params.nprobe is None else params.nprobe
+    if nprobe == 1 and index.nlist >= NPROBE_HINT_LISTS:
+        run.say(f"note: {index.path.name} has {index.nlist} lists and is searched in 1; "
+                f"--nprobe {NPROBE_SUGGESTED} finds closer features (slower)")
+
+
 def load_networks(run: Run, model_path: Path, index_path: Path | None, device: torch.device,
                   staged: bool) -> Networks:
     """The voice model, its index, HuBERT and (for rmvpe) RMVPE, checked against the options.
@@ -4398,7 +4492,8 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
         index_rate=ConversionParams.index_rate if args.index_rate is None else args.index_rate,
         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
         resample_sr=args.resample_sr, speaker_id=args.speaker_id, noise=not args.no_noise, seed=args.seed,
-        interp_unvoiced=args.interp_unvoiced)
+        interp_unvoiced=args.interp_unvoiced, index_k=args.index_k, nprobe=args.nprobe)
+    hint_nprobe(run, nets.index, params)
     reload = partial(load_voice_model, model_path, warn=lambda _: None)  # its warnings were given
     converter = Converter(voice, nets.hubert, nets.rmvpe, nets.index, device, dtype, staged=staged,
                           voice_loader=reload)
@@ -4782,8 +4877,718 @@ def serve(run: Run) -> int:
     return EXIT_OK
 
 
+# -----------------------------------------------------------------------------
+# 12d. Training tools: a dataset prepared, an index built, a model extracted or merged
+# -----------------------------------------------------------------------------
+
+# Everything a user does with a folder of recordings and with training checkpoints besides
+# the training loop, as the WebUI does it (train/preprocess.py, train/dataset/slicer2.py,
+# extract_f0.py and extract_hubert_feature.py, train/train_index.py, train/process_ckpt.py
+# at 4338f12), in the WebUI's own layout, so that its trainer can go on from ours:
+#   WORK_DIR/0_gt_wavs/I_J.wav       the chunks at the model's rate, 32-bit float
+#            1_16k_wavs/I_J.wav      the same at 16 kHz
+#            2a_f0/I_J.wav.npy       coarse pitch (int64, 1..255) per 10 ms frame
+#            2b-f0nsf/I_J.wav.npy    pitch in Hz (float64), unvoiced frames interpolated
+#            3_feature768/I_J.npy    HuBERT features per 20 ms (v2; v1: 3_feature256)
+# I is the recording's place in the folder's sorted listing, J the chunk's number within
+# it, with the WebUI's gaps (the last chunk of every slice skips a number).
+
+SLICE_THRESHOLD_DB = -42.0  # frames with an RMS below this are silence
+SLICE_MIN_LENGTH_MS = 1500  # a slice is at least this long ...
+SLICE_MIN_INTERVAL_MS = 400  # ... and is cut at a silence at least this long
+SLICE_HOP_MS = 15  # RMS frame hop
+SLICE_MAX_KEPT_MS = 500  # silence kept at either side of a cut
+CHUNK_SECONDS = 3.7  # slices are cut into chunks this long (the WebUI's with a GPU; 3.0 on a CPU-only machine)
+CHUNK_OVERLAP = 0.3  # s shared by consecutive chunks; a slice's tail up to CHUNK_SECONDS + this stays whole
+CHUNK_MAX_PEAK = 2.5  # a chunk peaking above this is broken audio: skipped
+LEVEL_PEAK, LEVEL_ALPHA = 0.9, 0.75  # a chunk x becomes x / peak · LEVEL_PEAK · LEVEL_ALPHA + (1 − LEVEL_ALPHA) · x
+GT_WAVS, WAVS_16K, F0_COARSE_DIR, F0_HZ_DIR = "0_gt_wavs", "1_16k_wavs", "2a_f0", "2b-f0nsf"
+FEATURE_DIRS = {"v1": "3_feature256", "v2": "3_feature768"}
+
+
+@dataclass(frozen=True)
+class Slicer:
+    """The WebUI's silence slicer (slicer2.py, after openvpi's audio-slicer): cuts a
+    recording at its silences, in frames of `hop` samples, keeping up to `max_kept` frames
+    of silence at each side of a cut."""
+
+    threshold: float  # RMS of silence (linear)
+    hop: int  # samples per frame
+    window: int  # samples per RMS window
+    min_length: int  # frames
+    min_interval: int  # frames
+    max_kept: int  # frames
+
+    @classmethod
+    def at(cls, rate: int) -> "Slicer":
+        interval = rate * SLICE_MIN_INTERVAL_MS / 1000  # samples
+        hop = round(rate * SLICE_HOP_MS / 1000)
+        return cls(10 ** (SLICE_THRESHOLD_DB / 20), hop, min(round(interval), 4 * hop),
+                   round(rate * SLICE_MIN_LENGTH_MS / 1000 / hop), round(interval / hop),
+                   round(rate * SLICE_MAX_KEPT_MS / 1000 / hop))
+
+    def rms(self, x: np.ndarray) -> np.ndarray:
+        """RMS of windows centred on every hop-th sample, zero-padded: (1 + len(x) // hop,)."""
+        padded = np.pad(x, self.window // 2)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, self.window)[::self.hop]  # (F, window)
+        return np.sqrt(np.mean(np.abs(frames) ** 2, axis=-1))
+
+    @staticmethod
+    def _quietest(rms: np.ndarray, start: int, stop: int) -> int:
+        return start + int(rms[start:stop].argmin())
+
+    def cuts(self, rms: np.ndarray) -> list[tuple[int, int]]:
+        """The silences to remove, as (first, end) frames, in order. A silence is cut when it
+        is long enough and the slice before it too (a leading one always); what of it is kept
+        depends on its length: a short one is cut at its quietest frame, a longer one keeps
+        up to max_kept frames at each side."""
+        quietest = partial(self._quietest, rms)
+        cuts: list[tuple[int, int]] = []
+        silence: int | None = None  # where the present silence began
+        clip_start = 0
+        for i, level in enumerate(rms):
+            if level < self.threshold:
+                silence = i if silence is None else silence
+                continue
+            if silence is None:
+                continue
+            leading = silence == 0 and i > self.max_kept
+            due = i - silence >= self.min_interval and i - clip_start >= self.min_length
+            if not leading and not due:
+                silence = None
+                continue
+            length = i - silence
+            if length <= self.max_kept:
+                pos = quietest(silence, i + 1)
+                cuts.append((0, pos) if silence == 0 else (pos, pos))
+                clip_start = pos
+            else:
+                left = quietest(silence, silence + self.max_kept + 1)
+                right = quietest(i - self.max_kept, i + 1)
+                if length <= 2 * self.max_kept:  # the kept halves overlap: mind the quietest frame between
+                    pos = quietest(i - self.max_kept, silence + self.max_kept + 1)
+                    left, right = min(left, pos), max(right, pos)
+                cuts.append((0, right) if silence == 0 else (left, right))
+                clip_start = right
+            silence = None
+        total = len(rms)
+        if silence is not None and total - silence >= self.min_interval:  # trailing silence
+            cuts.append((quietest(silence, min(total, silence + self.max_kept) + 1), total + 1))
+        return cuts
+
+    def slices(self, x: np.ndarray) -> list[np.ndarray]:
+        """The recording's pieces between its cut silences."""
+        if len(x) <= self.min_length:  # (the WebUI compares samples with frames here)
+            return [x]
+        rms = self.rms(x)
+        cuts = self.cuts(rms)
+        if not cuts:
+            return [x]
+        total = len(rms)
+        bounds = [(0, cuts[0][0])] if cuts[0][0] > 0 else []
+        bounds += [(a[1], b[0]) for a, b in zip(cuts, cuts[1:])]
+        bounds += [(cuts[-1][1], total)] if cuts[-1][1] < total else []
+        return [x[a * self.hop: min(len(x), b * self.hop)] for a, b in bounds]
+
+
+def slice_chunks(pieces: Iterable[np.ndarray], rate: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(J, chunk) for the chunks of a recording's slices: CHUNK_SECONDS long, one every
+    CHUNK_SECONDS − CHUNK_OVERLAP, the tail whole. J counts on through the recording and,
+    as in the WebUI, skips a number before each slice's tail."""
+    number = 0
+    length, tail = int(CHUNK_SECONDS * rate), (CHUNK_SECONDS + CHUNK_OVERLAP) * rate
+    for piece in pieces:
+        for i in itertools.count():
+            start = int(rate * (CHUNK_SECONDS - CHUNK_OVERLAP) * i)
+            if len(piece) - start > tail:
+                yield number, piece[start: start + length]
+                number += 1
+            else:
+                yield number + 1, piece[start:]
+                number += 1
+                break
+
+
+def level_chunk(chunk: np.ndarray) -> np.ndarray | None:
+    """The WebUI's levelling of a chunk, or None for a silent or broken one."""
+    peak = float(np.abs(chunk).max()) if len(chunk) else 0.0
+    if not np.isfinite(peak) or peak <= 0 or peak > CHUNK_MAX_PEAK:
+        return None
+    return chunk / peak * (LEVEL_PEAK * LEVEL_ALPHA) + (1 - LEVEL_ALPHA) * chunk
+
+
+def read_recording(path: Path, rate: int) -> np.ndarray:
+    """A recording as the WebUI's preparation reads it: mono float32 at `rate`. (The WebUI
+    decodes and resamples with ffmpeg; soxr's resampling differs from ffmpeg's in detail.)"""
+    blocks, source_rate, _, _ = _decoded_blocks(path)
+    mono = [downmix(block) for block in blocks]
+    audio = np.concatenate(mono) if mono else np.zeros(0, np.float32)
+    if not len(audio):
+        raise InputAudioError("the recording is empty", path)
+    return resample(audio, source_rate, rate).astype(np.float32, copy=False)
+
+
+def write_wav_float(path: Path, audio: np.ndarray, rate: int) -> None:
+    """A 32-bit float WAV as the WebUI writes it (scipy's writer: the same bytes)."""
+    from scipy.io import wavfile
+
+    with atomic_file(path) as tmp:
+        wavfile.write(tmp, rate, audio.astype(np.float32))
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+@dataclass
+class DatasetReport:
+    """What a preparation did: chunks written or found done, and each recording skipped."""
+
+    recordings: int = 0
+    chunks: list[str] = field(default_factory=list)  # every chunk's name (I_J), in order
+    written: int = 0  # chunks written by this run (the rest were there)
+    skipped_chunks: list[str] = field(default_factory=list)  # silent or broken chunks
+    skipped_files: list[str] = field(default_factory=list)
+
+
+def voice_target(run: Run, name: str, suffix: str) -> Path:
+    """<models_dir>/rvc/NAME<suffix>, checked writable (the folder made when missing)."""
+    folder = run.paths.models_dir / VOICE_SUBDIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the voice model folder ({exc.strerror})", folder) from exc
+    target = folder / f"{check_name(name, 'NAME', suffix)}{suffix}"
+    check_path_writable(target)
+    return target
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """The folder's entries in the order the WebUI numbers them (sorted by name)."""
+    if not folder.is_dir():
+        raise NotFoundError("dataset folder not found", folder)
+    return [folder / name for name in sorted(os.listdir(folder))]
+
+
+def slice_dataset(run: Run, dataset: Path, work: Path, rate: int) -> DatasetReport:
+    """0_gt_wavs/ and 1_16k_wavs/ of a folder of recordings: high-passed (causally, as the
+    WebUI: no pre-ringing), sliced at silences, chunked and levelled. Chunks whose two files
+    exist are not written again."""
+    from scipy.signal import butter, lfilter
+
+    report = DatasetReport()
+    gt_dir, wav16_dir = work / GT_WAVS, work / WAVS_16K
+    for folder in (gt_dir, wav16_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    b, a = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=rate)
+    slicer = Slicer.at(rate)
+    entries = dataset_files(dataset)
+    for i, path in enumerate(entries):
+        if not path.is_file() or path.suffix.lower() not in AUDIO_EXTENSIONS:
+            what = "a folder" if path.is_dir() else "not an audio file"
+            run.warn(f"skipped {path.name}: {what}")
+            report.skipped_files.append(path.name)
+            continue
+        try:
+            audio = lfilter(b, a, read_recording(path, rate))  # float64
+        except InputAudioError as exc:
+            run.warn(f"skipped {path.name}: {exc.message}")
+            report.skipped_files.append(path.name)
+            continue
+        report.recordings += 1
+        for j, chunk in slice_chunks(slicer.slices(audio), rate):
+            name = f"{i}_{j}"
+            if (gt_dir / f"{name}.wav").is_file() and (wav16_dir / f"{name}.wav").is_file():
+                report.chunks.append(name)
+                continue
+            levelled = level_chunk(chunk)
+            if levelled is None:
+                report.skipped_chunks.append(name)
+                continue
+            write_wav_float(gt_dir / f"{name}.wav", levelled, rate)
+            write_wav_float(wav16_dir / f"{name}.wav", resample(levelled, rate, SAMPLE_RATE), SAMPLE_RATE)
+            report.chunks.append(name)
+            report.written += 1
+        run.progress_line(f"slicing: {i + 1}/{len(entries)} files")
+    if not report.recordings:
+        raise InputAudioError("no audio files in the dataset folder" if not entries
+                              else "no readable audio files in the dataset folder", dataset)
+    if not report.chunks:
+        raise InputAudioError("the recordings hold no usable audio (silent?)", dataset)
+    return report
+
+
+def read_wav16(path: Path) -> np.ndarray:
+    import soundfile as sf
+
+    audio, rate = sf.read(str(path), dtype="float32")
+    if rate != SAMPLE_RATE or audio.ndim != 1:
+        raise InputAudioError(f"expected a mono {SAMPLE_RATE} Hz WAV, found {rate} Hz", path)
+    return audio
+
+
+def chunk_names(work: Path) -> list[str]:
+    """The chunks of a prepared folder, by their 16 kHz WAVs."""
+    return sorted(p.stem for p in (work / WAVS_16K).glob("*.wav"))
+
+
+def extract_dataset_features(run: Run, work: Path, hubert: "HubertEncoder", version: str,
+                             device: torch.device) -> int:
+    """3_feature768/ (v2) or 3_feature256/ (v1): HuBERT features of every 16 kHz chunk;
+    returns how many were computed (the rest were there)."""
+    folder = work / FEATURE_DIRS[version]
+    folder.mkdir(exist_ok=True)
+    names, done = chunk_names(work), 0
+    for k, name in enumerate(names):
+        target = folder / f"{name}.npy"
+        if target.is_file():
+            continue
+        wave = torch.from_numpy(read_wav16(work / WAVS_16K / f"{name}.wav")).to(device)[None]  # (1, N)
+        feats = hubert.extract(wave, version)[0].float().cpu().numpy()  # (T, D)
+        if not np.isfinite(feats).all():
+            run.warn(f"skipped the features of {name}: not finite")
+            continue
+        save_npy(target, feats)
+        done += 1
+        run.progress_line(f"features: {k + 1}/{len(names)}")
+    return done
+
+
+def extract_dataset_pitch(run: Run, work: Path, method: str, rmvpe: "RMVPE | None", device: torch.device) -> int:
+    """2a_f0/ and 2b-f0nsf/: pitch of every 16 kHz chunk, its unvoiced frames filled by
+    interpolation (as this WebUI version does), and its coarse bins; a chunk without a
+    voiced frame gets neither (the WebUI skips it too). Returns how many were computed."""
+    coarse_dir, hz_dir = work / F0_COARSE_DIR, work / F0_HZ_DIR
+    for folder in (coarse_dir, hz_dir):
+        folder.mkdir(exist_ok=True)
+    names, done = chunk_names(work), 0
+    for k, name in enumerate(names):
+        coarse_path, hz_path = coarse_dir / f"{name}.wav.npy", hz_dir / f"{name}.wav.npy"
+        if coarse_path.is_file() and hz_path.is_file():
+            continue
+        audio = read_wav16(work / WAVS_16K / f"{name}.wav")
+        coarse, f0 = estimate_f0(audio, 1 + len(audio) // HOP, method, rmvpe=rmvpe, device=device,
+                                 interp_unvoiced=True)
+        if not (f0 > 0).any():
+            run.warn(f"skipped the pitch of {name}: no voiced frame")
+            continue
+        save_npy(hz_path, f0)
+        save_npy(coarse_path, coarse.astype(np.int64))
+        done += 1
+        run.progress_line(f"pitch: {k + 1}/{len(names)}")
+    return done
+
+
+def load_dataset_hubert(run: Run, version: str, device: torch.device) -> "HubertEncoder":
+    path = run.paths.hubert
+    with incomplete_download_hint(path, HUBERT_FILE):
+        hubert = run.load("hubert", path, lambda _: load_hubert(path))
+    check_hubert_fits(hubert.config, version, VERSION_PHONE_DIMS[version], path)
+    return hubert.to(device)
+
+
+def prepare_dataset(run: Run) -> int:
+    """--prepare_dataset DATASET_DIR WORK_DIR: the WebUI's layout of a training set."""
+    args = run.args
+    dataset, work = (Path(p) for p in args.prepare_dataset)
+    version, rate = args.model_version or "v2", args.sample_rate or DEFAULT_DATASET_RATE
+    device, _ = use_device(args)
+    method, _ = choose_f0_method(args.f0_method, run.paths.rmvpe)
+    hubert = load_dataset_hubert(run, version, device)  # (its errors before any work)
+    rmvpe = None
+    if method == "rmvpe":
+        with incomplete_download_hint(run.paths.rmvpe, RMVPE_FILE):
+            rmvpe = run.load("rmvpe", run.paths.rmvpe, lambda _: load_rmvpe(run.paths.rmvpe)).to(device)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the work folder ({exc.strerror})", work) from exc
+    sliced = slice_dataset(run, dataset, work, rate)
+    features = extract_dataset_features(run, work, hubert, version, device)
+    pitch = extract_dataset_pitch(run, work, method, rmvpe, device)
+    elapsed = time.perf_counter() - run.state.started
+    run.report.update(dataset=str(dataset), work_dir=str(work), sample_rate=rate, version=version, f0_method=method,
+                      recordings=sliced.recordings, chunks=len(sliced.chunks), written=sliced.written,
+                      features_computed=features, pitch_computed=pitch, skipped_chunks=sliced.skipped_chunks,
+                      skipped_files=sliced.skipped_files, seconds=round(elapsed, 3))
+    run.say(f"prepared {len(sliced.chunks)} chunks of {sliced.recordings} recordings in {work} "
+            f"({sliced.written} new; {version} features, {method} pitch) in {elapsed:.1f} s")
+    return EXIT_OK
+
+
+# The index (train/train_index.py): every feature of the dataset, shuffled (the k-means that
+# trains the inverted lists samples its input in order), reduced to INDEX_CENTRES k-means
+# centres when there are more than INDEX_MAX_VECTORS, in an IVF-Flat index of
+# min(16·√N, N // 39) lists searched with nprobe 1, added in batches.
+INDEX_MAX_VECTORS = 200_000
+INDEX_CENTRES = 10_000
+INDEX_ADD_BATCH = 8192
+INDEX_DEFAULT_SEED = 0  # of the shuffle, when --seed is not given (the WebUI's is unseeded)
+INDEX_KMEANS_ITERATIONS = 20  # faiss's k-means stands in for the WebUI's sklearn MiniBatchKMeans
+
+
+def index_lists(n_vectors: int) -> int:
+    return max(1, min(int(16 * np.sqrt(n_vectors)), n_vectors // 39))
+
+
+def webui_index_names(n_lists: int, name: str, version: str) -> tuple[str, str]:
+    """The WebUI's names of the trained (lists only) and added (with the vectors) index."""
+    tail = f"IVF{n_lists}_Flat_nprobe_1_{name}_{version}.index"
+    return f"trained_{tail}", f"added_{tail}"
+
+
+def read_features(folder: Path) -> np.ndarray:
+    """All the features of a prepared folder, chunk after chunk by name: (N, D) float32."""
+    paths = sorted(folder.glob("*.npy"))
+    if not paths:
+        raise InputAudioError("no features to index (prepare the dataset first)", folder)
+    try:
+        arrays = [np.load(p, allow_pickle=False) for p in paths]
+    except (OSError, ValueError) as exc:
+        raise InputAudioError(f"unreadable feature file ({_first_line(exc)})", folder) from exc
+    if any(a.ndim != 2 or a.shape[1] != arrays[0].shape[1] for a in arrays):
+        raise InputAudioError("the feature files differ in shape", folder)
+    return np.concatenate(arrays).astype(np.float32, copy=False)
+
+
+def train_feature_index(features: np.ndarray, seed: int, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """The WebUI's index of (N, D) features: (trained index without vectors, index with them)."""
+    import faiss
+
+    vectors = features[np.random.RandomState(seed).permutation(len(features))]
+    if len(vectors) > INDEX_MAX_VECTORS:
+        say(f"clustering {len(vectors)} features to {INDEX_CENTRES} centres")
+        kmeans = faiss.Kmeans(vectors.shape[1], INDEX_CENTRES, niter=INDEX_KMEANS_ITERATIONS, seed=seed)
+        kmeans.train(vectors)
+        vectors = kmeans.centroids
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], f"IVF{index_lists(len(vectors))},Flat")
+    faiss.extract_index_ivf(index).nprobe = 1
+    index.train(vectors)
+    trained = faiss.clone_index(index)
+    for start in range(0, len(vectors), INDEX_ADD_BATCH):
+        index.add(vectors[start: start + INDEX_ADD_BATCH])
+    return trained, index
+
+
+def write_index_atomic(index: Any, path: Path) -> None:
+    import faiss
+
+    with atomic_file(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def feature_folder(work: Path, version: str | None) -> tuple[Path, str] | None:
+    """A prepared folder's features for `version` (None: the one kind it holds)."""
+    kinds = [v for v, sub in FEATURE_DIRS.items() if (work / sub).is_dir() and any((work / sub).glob("*.npy"))]
+    if version is None and len(kinds) > 1:
+        raise UsageError("the folder holds v1 and v2 features; say which with --model_version", work)
+    version = version or (kinds[0] if kinds else None)
+    return (work / FEATURE_DIRS[version], version) if version in kinds else None
+
+
+def faiss_lists(index: Any) -> int:
+    import faiss
+
+    return int(faiss.extract_index_ivf(index).nlist)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` (an index can be large), else a copy."""
+    with atomic_file(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
+def build_index(run: Run) -> int:
+    """--build_index DIR NAME: <models_dir>/rvc/NAME.index from a prepared folder's features
+    (computed where they are missing; the index is also left there under the WebUI's
+    names), or from a folder of recordings, prepared for it in a temporary folder."""
+    args = run.args
+    source, target = Path(args.build_index[0]), voice_target(run, args.build_index[1], ".index")
+    name = target.stem
+    found = feature_folder(source, args.model_version) if source.is_dir() else None
+    prepared = found is not None or (source / WAVS_16K).is_dir()
+    work = source if prepared else run.state.private_folder() / "dataset"
+    if found is None:  # the features first
+        version = args.model_version or "v2"
+        device, _ = use_device(args)
+        hubert = load_dataset_hubert(run, version, device)
+        if not prepared:
+            slice_dataset(run, source, work, args.sample_rate or DEFAULT_DATASET_RATE)
+        extract_dataset_features(run, work, hubert, version, device)
+        found = (work / FEATURE_DIRS[version], version)
+    folder, version = found
+    features = read_features(folder)
+    if features.shape[1] != VERSION_PHONE_DIMS[version]:
+        raise InputAudioError(f"the features are {features.shape[1]}-dim, {version} needs "
+                              f"{VERSION_PHONE_DIMS[version]}", folder)
+    seed = INDEX_DEFAULT_SEED if args.seed is None else args.seed
+    trained, index = train_feature_index(features, seed, run.say)
+    n_lists = faiss_lists(index)
+    write_index_atomic(index, target)
+    written = [str(target)]
+    if prepared:
+        trained_name, added_name = webui_index_names(n_lists, name, version)
+        write_index_atomic(trained, work / trained_name)
+        link_or_copy(target, work / added_name)
+        written += [str(work / trained_name), str(work / added_name)]
+    elapsed = time.perf_counter() - run.state.started
+    run.report.update(index=str(target), files=written, version=version, dim=index.d, vectors=index.ntotal,
+                      features=len(features), nlist=n_lists, nprobe=1, seed=seed, seconds=round(elapsed, 3))
+    run.say(f"built {target.name}: {index.ntotal} {index.d}-dim vectors of {len(features)} features in "
+            f"{n_lists} lists, in {elapsed:.1f} s")
+    return EXIT_OK
+
+
+# A training checkpoint (G_<step>.pth, train/utils.save_checkpoint) holds `model` (the
+# training generator's state dict: the synthesizer plus the posterior encoder enc_q, fp32,
+# weight norm as weight_g/weight_v), `optimizer`, `learning_rate` and `iteration` (the
+# epoch). The small model the WebUI extracts from it (process_ckpt.extract_small_model)
+# is the state dict without enc_q in fp16, with `config`, `info`, `version`, `sr`, `f0`.
+# The WebUI writes a full-size config chosen by rate and version whatever the weights are;
+# ours is read from the weights, and from the WebUI's configs only where the shapes say
+# nothing: the strides of the upsampling (WEBUI_UPSAMPLING) and the resblocks' dilations.
+WEBUI_UPSAMPLING = {  # (version, rate) -> spec channels, upsample rates, upsample kernels
+    ("v1", 32000): (513, (10, 4, 2, 2, 2), (16, 16, 4, 4, 4)),
+    ("v1", 40000): (1025, (10, 10, 2, 2), (16, 16, 4, 4)),
+    ("v1", 48000): (1025, (10, 6, 2, 2, 2), (16, 16, 4, 4, 4)),
+    ("v2", 32000): (513, (10, 8, 2, 2), (20, 16, 4, 4)),
+    ("v2", 40000): (1025, (10, 10, 2, 2), (16, 16, 4, 4)),  # (v2 40k trains with v1's 40k config)
+    ("v2", 48000): (1025, (12, 10, 2, 2), (24, 20, 4, 4)),
+}
+WEBUI_DILATIONS = (1, 3, 5)  # of every resblock's three convolutions
+WEBUI_SEGMENT_FRAMES = 32  # config[1]: the training segment in frames, as the WebUI writes it (unused here)
+WEBUI_TEXT_KERNEL = 3  # config[7], when the shapes do not say
+MODEL_FILE_ORDER = ("weight", "config", "info", "version", "sr", "f0")  # extract_small_model's key order
+MERGED_FILE_ORDER = ("weight", "config", "sr", "f0", "version", "info")  # merge's
+
+
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """The shape of layer `name`'s weight, plain or weight-normed (its direction `weight_v`)."""
+    for key in (f"{name}.weight", f"{name}.weight_v"):
+        if key in state:
+            return tuple(state[key].shape)
+    raise KeyError(f"{name}.weight")
+
+
+def _count(state: Mapping[str, Any], pattern: str) -> int:
+    """How many consecutive indices N have a key starting with pattern.format(N)."""
+    n = 0
+    while any(k.startswith(pattern.format(n)) for k in state):
+        n += 1
+    return n
+
+
+def _upsampling(state: Mapping[str, torch.Tensor], version: str, kernels: tuple[int, ...], spec: int | None,
+                has_f0: bool, rate: int | None) -> tuple[int, tuple[int, ...]]:
+    """(sample rate, upsample rates) of a generator: the WebUI config its shapes fit (the
+    noise convolutions of a pitch model also give every stride but the first)."""
+    strides = None
+    if has_f0:  # noise conv i brings the excitation down by prod(rates[i+1:]): kernel 2s (1 for s = 1)
+        strides = [(_shape(state, f"dec.noise_convs.{i}")[-1] + 1) // 2 for i in range(len(kernels))]
+    fits = [(r, rates) for (v, r), (channels, rates, kern) in WEBUI_UPSAMPLING.items()
+            if v == version and kern == kernels and (spec is None or spec == channels)
+            and (rate is None or rate == r)
+            and (strides is None or strides == [math.prod(rates[i + 1:]) for i in range(len(rates))])]
+    if len(fits) == 1:
+        return fits[0]
+    if strides is not None and rate is not None and rate % (100 * strides[0]) == 0:  # a non-standard size
+        first = rate // 100 // strides[0]
+        return rate, (first, *(a // b for a, b in zip(strides, strides[1:])))
+    if fits:
+        raise UsageError(f"the checkpoint's shapes fit {' and '.join(f'{r} Hz' for r, _ in fits)}: "
+                         "say which with --sample_rate")
+    raise ModelFileError("cannot tell the upsampling of this checkpoint from its shapes (not a WebUI size)"
+                         + ("" if rate else "; give --sample_rate"))
+
+
+def config_from_weights(state: Mapping[str, torch.Tensor], rate: int | None = None) -> list:
+    """The WebUI's 18-element config list that describes a generator's state dict."""
+    phone_dim = _shape(state, "enc_p.emb_phone")[1]
+    version = PHONE_DIM_VERSIONS.get(phone_dim)
+    if version is None:
+        raise ModelFileError(f"unsupported content feature size {phone_dim} (enc_p.emb_phone.weight)")
+    if _count(state, "dec.resblocks.{}.convs.") and not _count(state, "dec.resblocks.{}.convs1."):
+        raise ModelFileError('resblock type "2" is not supported (only "1")')
+    hidden = _shape(state, "enc_p.emb_phone")[0]
+    filter_channels, _, kernel = _shape(state, "enc_p.encoder.ffn_layers.0.conv_1")
+    n_ups = _count(state, "dec.ups.{}.")
+    up_kernels = tuple(_shape(state, f"dec.ups.{i}")[-1] for i in range(n_ups))
+    n_kernels = _count(state, "dec.resblocks.{}.") // max(1, n_ups)
+    rb_kernels = [_shape(state, f"dec.resblocks.{j}.convs1.0")[-1] for j in range(n_kernels)]
+    dilations = [list(WEBUI_DILATIONS[:_count(state, f"dec.resblocks.{j}.convs1.{{}}.")]) for j in range(n_kernels)]
+    spec = state["enc_q.pre.weight"].shape[1] if "enc_q.pre.weight" in state else None  # (H, spec, 1)
+    has_f0 = "enc_p.emb_pitch.weight" in state
+    rate, rates = _upsampling(state, version, up_kernels, spec, has_f0, rate)
+    if spec is None:
+        spec = WEBUI_UPSAMPLING.get((version, rate), (1025,))[0]
+    speakers, gin = _shape(state, "emb_g")
+    return [spec, WEBUI_SEGMENT_FRAMES, _shape(state, "enc_p.proj")[0] // 2, hidden, filter_channels,
+            hidden // state["enc_p.encoder.attn_layers.0.emb_rel_k"].shape[-1],  # (1, 2W+1, hidden // heads)
+            _count(state, "enc_p.encoder.attn_layers.{}."), kernel or WEBUI_TEXT_KERNEL, 0, "1", rb_kernels,
+            dilations, list(rates), _shape(state, "dec.conv_pre")[0], list(up_kernels), speakers, gin, rate]
+
+
+def rate_name(rate: int) -> str:
+    """The WebUI's name of a sample rate: 40000 -> "40k"."""
+    return f"{rate // 1000}k"
+
+
+def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """A G_*.pth's generator state dict and its `iteration` (the epoch it was saved at)."""
+    if not path.is_file():
+        raise NotFoundError("checkpoint not found", path)
+    ckpt = load_torch_file(path)
+    model = ckpt.get("model") if isinstance(ckpt, Mapping) else None
+    if not isinstance(model, Mapping):
+        if isinstance(ckpt, Mapping) and "weight" in ckpt:
+            raise ModelFileError("this is already a small voice model (it has 'weight'): nothing to extract", path)
+        keys = [str(k) for k in ckpt] if isinstance(ckpt, Mapping) else []
+        raise ModelFileError(f"not a training checkpoint: it has no 'model' state dict{_guess_contents(keys)}", path)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise ModelFileError("not a training checkpoint: 'model' is not a dict of named tensors", path)
+    if any(k.startswith("discriminators.") for k in model):
+        raise ModelFileError("this is a discriminator checkpoint (D_*.pth); extract the generator's, G_*.pth", path)
+    if not any(k.startswith("enc_p.") for k in model):
+        raise ModelFileError("not a generator checkpoint: it has no text encoder (enc_p)"
+                             + _guess_contents(list(model)), path)
+    return dict(model), ckpt.get("iteration")
+
+
+def checked_small_model(weight: Mapping[str, torch.Tensor], config: list, path: Path) -> SynthConfig:
+    """The config of a small model's weights, once the synthesizer it describes has taken
+    every one of them (every key and shape checked)."""
+    try:
+        cfg = SynthConfig.from_list(config)
+    except ValueError as exc:
+        raise ModelFileError(f"unsupported generator: {exc}", path) from exc
+    phone_dim = weight["enc_p.emb_phone.weight"].shape[1]
+    has_f0 = "enc_p.emb_pitch.weight" in weight
+    checked_on_meta(lambda: Synthesizer(cfg, phone_dim, has_f0, weight["emb_g.weight"].shape[0]),
+                    fold_weight_norm(weight), path)
+    return cfg
+
+
+def save_model_atomic(model: Mapping[str, Any], path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(model, tmp)
+
+
+def _say_model(run: Run, verb: str, target: Path, model: Mapping[str, Any]) -> None:
+    config = model["config"]
+    run.report.update(model=str(target), version=model["version"], sr=model["sr"], sample_rate=config[-1],
+                      f0=model["f0"], info=model["info"], config=config, tensors=len(model["weight"]),
+                      seconds=round(time.perf_counter() - run.state.started, 3))
+    run.say(f"{verb} {target.name}: {model['version']} {model['sr']} {'with' if model['f0'] else 'without'} "
+            f"pitch, {len(model['weight'])} tensors; use it as MODEL {target.stem}")
+
+
+def extract_model(run: Run) -> int:
+    """--extract_model CHECKPOINT NAME: the small voice model <models_dir>/rvc/NAME.pth."""
+    args = run.args
+    source, target = Path(args.extract_model[0]), voice_target(run, args.extract_model[1], ".pth")
+    state, epoch = read_training_checkpoint(source)
+    rate = args.sample_rate
+    beside = source.parent / "config.json"  # the WebUI's training folder keeps its config there
+    if rate is None and beside.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            rate = int(json.loads(beside.read_text())["data"]["sampling_rate"])
+    try:
+        config = config_from_weights(state, rate)
+    except KeyError as exc:
+        raise ModelFileError(f"not a complete generator: missing tensor {exc.args[0]!r}", source) from exc
+    except ModelFileError as exc:
+        exc.subject = exc.subject or str(source)
+        raise
+    weight = {k: v.half() for k, v in state.items() if "enc_q" not in k}  # (the WebUI's test, on the whole name)
+    checked_small_model(weight, config, source)
+    info = args.comment if args.comment is not None else f"extracted from {source.name}" + (
+        f", epoch {epoch}" if isinstance(epoch, int) else "")
+    facts = {"config": config, "info": info, "version": PHONE_DIM_VERSIONS[weight["enc_p.emb_phone.weight"].shape[1]],
+             "sr": rate_name(config[-1]), "f0": int("enc_p.emb_pitch.weight" in weight)}
+    model = {"weight": weight, **facts}
+    save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER}, target)
+    _say_model(run, "extracted", target, model)
+    return EXIT_OK
+
+
+def merge_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float,
+                  subject: str) -> dict[str, torch.Tensor]:
+    """α·a + (1 − α)·b of every tensor, in fp32, stored in fp16 (process_ckpt.merge). The
+    speaker tables may differ in rows: the first rows both have are merged."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise ModelFileError(f"the models cannot be merged: their tensors differ ({', '.join(only[:3])}"
+                             f"{', ...' if len(only) > 3 else ''} in one only)", subject)
+    merged = {}
+    for key, x in a.items():
+        y = b[key]
+        if key == "emb_g.weight" and x.shape[1:] == y.shape[1:]:
+            rows = min(len(x), len(y))
+            x, y = x[:rows], y[:rows]
+        if x.shape != y.shape:
+            raise ModelFileError(f"the models cannot be merged: {key} is {list(x.shape)} in one and "
+                                 f"{list(y.shape)} in the other (another size of network)", subject)
+        merged[key] = (alpha * x.float() + (1 - alpha) * y.float()).half()
+    return merged
+
+
+def merge_models(run: Run) -> int:
+    """--merge_models MODEL_A MODEL_B NAME --alpha A: <models_dir>/rvc/NAME.pth, the weights
+    A·a + (1 − A)·b, with A's config; both must be the same kind of model."""
+    args = run.args
+    path_a = run.paths.voice_model(args.merge_models[0], "MODEL_A")
+    path_b = run.paths.voice_model(args.merge_models[1], "MODEL_B")
+    target = voice_target(run, args.merge_models[2], ".pth")
+    a, b = (load_voice_model(p, run.warn) for p in (path_a, path_b))
+    subject = f"{path_a.name}, {path_b.name}"
+    for fact, say in (("version", str), ("sample_rate", lambda r: f"{r} Hz"),
+                      ("has_f0", lambda f: "with pitch" if f else "without pitch")):
+        if getattr(a, fact) != getattr(b, fact):
+            raise ModelFileError(f"the models cannot be merged: {path_a.stem} is {say(getattr(a, fact))}, "
+                                 f"{path_b.stem} {say(getattr(b, fact))}", subject)
+    ckpt_a, ckpt_b = (_read_voice_checkpoint(p) for p in (path_a, path_b))
+    weight = merge_weights(ckpt_a["weight"], ckpt_b["weight"], args.alpha, subject)
+    config = list(ckpt_a["config"])
+    config[15] = weight["emb_g.weight"].shape[0]  # spk_embed_dim: the speakers merged
+    checked_small_model(weight, config, path_a)
+    sr = ckpt_a.get("sr") if ckpt_a.get("sr") in SAMPLE_RATE_NAMES else rate_name(a.sample_rate)
+    info = args.comment if args.comment is not None else (
+        f"merged: {args.alpha:g} × {path_a.stem} + {1 - args.alpha:g} × {path_b.stem}")
+    model = {"weight": weight, "config": config, "sr": sr, "f0": int(a.has_f0), "version": a.version, "info": info}
+    save_model_atomic({key: model[key] for key in MERGED_FILE_ORDER}, target)
+    _say_model(run, "merged", target, model)
+    return EXIT_OK
+
+
+TRAINING_TOOLS = ("prepare_dataset", "build_index", "extract_model", "merge_models")
+
+
+def training_tool(run: Run) -> Callable[[Run], int] | None:
+    """The training tool the command line asks for, if any."""
+    chosen = [name for name in TRAINING_TOOLS if getattr(run.args, name)]
+    if len(chosen) > 1:
+        raise UsageError(f"--{chosen[0]} and --{chosen[1]} cannot be combined")
+    if chosen and (run.args.input or run.args.output or run.args.model):
+        raise UsageError(f"--{chosen[0]} takes no INPUT, OUTPUT or MODEL: {run.args.input!r} is extra")
+    return {"prepare_dataset": prepare_dataset, "build_index": build_index, "extract_model": extract_model,
+            "merge_models": merge_models}[chosen[0]] if chosen else None
+
+
+# -----------------------------------------------------------------------------
+# 12e. The mode a command line asks for
+# -----------------------------------------------------------------------------
+
 def run_mode(run: Run) -> int:
-    """The mode the command line asks for: a worker, or one job."""
+    """The mode the command line asks for: a worker, a training tool, or one job."""
+    tool = training_tool(run)
+    if tool is not None:
+        return tool(run)
     return serve(run) if run.args.serve else job_mode(run)
 
 
