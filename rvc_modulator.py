@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("index_k", type=_ranged("index_k"), default=defaults.index_k, metavar="K",
            help=f"stored features blended per feature, {_range_text('index_k')} (default %(default)s)")
     option("nprobe", type=_ranged("nprobe"), default=None, metavar="N",
-           help="inverted lists searched; more finds closer features, slower (default: the index's own, "
-                "1 in WebUI indexes)")
+           help=f"inverted lists searched, {_range_text('nprobe')}; more finds closer features, slower "
+                f"(default: the index's own, 1 in WebUI indexes)")
 
     section("output")
     option("resample_sr", type=_ranged("resample_sr"), default=defaults.resample_sr, metavar="HZ",
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("info", metavar="MODEL", help="describe one voice model")
     parser.add_argument("--version", action="version", version=f"rvc_modulator {__version__}")
 
-    section("training tools (see the README's \"Training a voice\")")
+    section("training tools")
     option("prepare_dataset", nargs=2, metavar=("DATASET_DIR", "WORK_DIR"),
            help="slice a folder of recordings and compute their HuBERT features and pitch, in the WebUI's "
                 "layout (resumable)")
@@ -4792,7 +4792,8 @@ SERVE_REQUEST_FIELDS = ("id", "op", "input", "output", "model")  # besides conve
 # The worker's own options, given when it starts: a request may not set them.
 SERVE_GLOBAL_OPTIONS = ("models_dir", "hubert", "rmvpe", "device", "precision", "threads", "quiet", "verbose",
                         "cache_models")
-SERVE_MODE_OPTIONS = ("json", "check", "list_models", "info", "serve")  # "op" says these
+SERVE_MODE_OPTIONS = ("json", "check", "list_models", "info", "serve",  # "op" says these
+                      "prepare_dataset", "build_index", "extract_model", "merge_models")  # (not a worker's)
 
 
 def parse_request(line: str) -> dict[str, Any]:
@@ -5065,10 +5066,14 @@ def voice_target(run: Run, name: str, suffix: str) -> Path:
 
 
 def dataset_files(folder: Path) -> list[Path]:
-    """The folder's entries in the order the WebUI numbers them (sorted by name)."""
+    """The folder's entries in the order the WebUI numbers them (sorted by name); a folder
+    without a file named as audio is refused before any network loads."""
     if not folder.is_dir():
         raise NotFoundError("dataset folder not found", folder)
-    return [folder / name for name in sorted(os.listdir(folder))]
+    entries = [folder / name for name in sorted(os.listdir(folder))]
+    if not any(p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file() for p in entries):
+        raise InputAudioError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the dataset folder", folder)
+    return entries
 
 
 def slice_dataset(run: Run, dataset: Path, work: Path, rate: int) -> DatasetReport:
@@ -5112,8 +5117,7 @@ def slice_dataset(run: Run, dataset: Path, work: Path, rate: int) -> DatasetRepo
             report.written += 1
         run.progress_line(f"slicing: {i + 1}/{len(entries)} files")
     if not report.recordings:
-        raise InputAudioError("no audio files in the dataset folder" if not entries
-                              else "no readable audio files in the dataset folder", dataset)
+        raise InputAudioError("no readable audio files in the dataset folder", dataset)
     if not report.chunks:
         raise InputAudioError("the recordings hold no usable audio (silent?)", dataset)
     return report
@@ -5193,6 +5197,7 @@ def prepare_dataset(run: Run) -> int:
     args = run.args
     dataset, work = (Path(p) for p in args.prepare_dataset)
     version, rate = args.model_version or "v2", args.sample_rate or DEFAULT_DATASET_RATE
+    dataset_files(dataset)  # (its errors before the networks load)
     device, _ = use_device(args)
     method, _ = choose_f0_method(args.f0_method, run.paths.rmvpe)
     hubert = load_dataset_hubert(run, version, device)  # (its errors before any work)
@@ -5315,6 +5320,8 @@ def build_index(run: Run) -> int:
     prepared = found is not None or (source / WAVS_16K).is_dir()
     work = source if prepared else run.state.private_folder() / "dataset"
     if found is None:  # the features first
+        if not prepared:
+            dataset_files(source)  # (its errors before the networks load)
         version = args.model_version or "v2"
         device, _ = use_device(args)
         hubert = load_dataset_hubert(run, version, device)

@@ -105,6 +105,20 @@ def run_main(capsys, *args) -> tuple[int, dict, str]:
     return code, json.loads(out), err
 
 
+def main_json(*args) -> tuple[int, dict]:
+    """The CLI in this process with --json and its stdout captured (usable where capsys is
+    not, e.g. in a module-scoped fixture): (exit code, its report)."""
+    import contextlib
+    import io
+
+    import rvc_modulator as rvc
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = rvc.main([str(a) for a in args] + ["--json"])
+    return code, json.loads(out.getvalue())
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """A models folder as the README lays it out, with tiny networks (factories.

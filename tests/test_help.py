@@ -7,7 +7,7 @@ import shlex
 
 import rvc_modulator as rvc
 
-GROUPS = ["conversion", "pitch", "retrieval", "output", "files and device", "modes", "service"]
+GROUPS = ["conversion", "pitch", "retrieval", "output", "files and device", "modes", "training tools", "service"]
 
 
 def help_text() -> str:
