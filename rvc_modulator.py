@@ -3532,11 +3532,11 @@ class Timings:
         return sum(getattr(self, f.name) for f in fields(self))
 
 
-def highpass_coefficients() -> tuple[np.ndarray, np.ndarray]:
+def highpass_coefficients(rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
     """The reference's high-pass: a 5th-order Butterworth at 48 Hz (removes DC and rumble)."""
     from scipy.signal import butter
 
-    return butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=SAMPLE_RATE)
+    return butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=rate)
 
 
 def condition(audio: Signal, peak: float | None = None, directory: Path | None = None,
@@ -5080,13 +5080,18 @@ def slice_dataset(run: Run, dataset: Path, work: Path, rate: int) -> DatasetRepo
     """0_gt_wavs/ and 1_16k_wavs/ of a folder of recordings: high-passed (causally, as the
     WebUI: no pre-ringing), sliced at silences, chunked and levelled. Chunks whose two files
     exist are not written again."""
-    from scipy.signal import butter, lfilter
+    import soundfile as sf
+    from scipy.signal import lfilter
 
     report = DatasetReport()
     gt_dir, wav16_dir = work / GT_WAVS, work / WAVS_16K
+    done = next(gt_dir.glob("*.wav"), None) if gt_dir.is_dir() else None
+    if done is not None and sf.info(str(done)).samplerate != rate:
+        raise UsageError(f"the work folder was prepared at {sf.info(str(done)).samplerate} Hz, not {rate}: "
+                         "give that --sample_rate, or another folder", work)
     for folder in (gt_dir, wav16_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    b, a = butter(N=HIGHPASS_ORDER, Wn=HIGHPASS_HZ, btype="high", fs=rate)
+    b, a = highpass_coefficients(rate)
     slicer = Slicer.at(rate)
     entries = dataset_files(dataset)
     for i, path in enumerate(entries):

@@ -170,3 +170,11 @@ def test_non_audio_files_are_skipped_with_a_warning_each(fixtures: Path, tmp_pat
 def test_a_missing_folder_is_not_found(fixtures: Path, tmp_path: Path) -> None:
     code, report = main_json("--prepare_dataset", tmp_path / "nowhere", tmp_path / "w", *base_files(fixtures))
     assert code == rvc.EXIT_NOT_FOUND and "dataset folder not found" in report["message"]
+
+
+def test_a_folder_prepared_at_another_rate_is_not_mixed(fixtures: Path, prepared, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(prepared[0], work)
+    code, report = main_json("--prepare_dataset", fixtures / "training" / "dataset", work, *base_files(fixtures),
+                             "--sample_rate", "48k", "--quiet")
+    assert code == rvc.EXIT_USAGE and "prepared at 40000 Hz" in report["message"]
