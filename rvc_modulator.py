@@ -35,7 +35,7 @@ it (tests/test_structure.py checks that), so it can be read from the top down.
   12. Modes           a run and what it owns; convert, check, list models, model info;
                       12b folder batches; 12c the service worker (--serve); 12d the
                       training tools (dataset, index, extraction, merging); 12e the
-                      choice of mode.
+                      training step; 12f the choice of mode.
   13. Command line    the entry point: one run, its exit code and its --json report.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -2298,6 +2298,7 @@ def load_rmvpe(path: Path) -> RMVPE:
 LRELU_SLOPE = 0.1  # leaky ReLU slope everywhere except before the decoder's last conv
 FINAL_LRELU_SLOPE = 0.01  # upstream calls leaky_relu() with torch's default slope there
 ATTENTION_WINDOW = 10  # relative-position window of the text encoder's attention
+ATTENTION_MASKED = -1e4  # the score of a masked key (training batches are padded)
 ATTENTION_QUERY_ROWS = 256  # query frames scored at once: 40 s segments' text encoder +138 -> +76 MB, as fast
 LAYER_NORM_EPS = 1e-5
 PRIOR_NOISE_SCALE = 0.66666  # scale of the prior sample's noise; upstream's literal constant
@@ -2519,7 +2520,8 @@ class SynthAttention(nn.Module):
         b, _, t = x.shape
         return x.view(b, self.n_heads, self.head_dim, t).transpose(2, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, T)
+        """mask (B, 1, T, T): 0 where a query may not see a key (a batch's padding, in training)."""
         b, c, t = x.shape
         q = self._heads(self.conv_q(x)) / math.sqrt(self.head_dim)  # (B, H, T, D), pre-scaled
         k, v = self._heads(self.conv_k(x)), self._heads(self.conv_v(x))
@@ -2528,6 +2530,8 @@ class SynthAttention(nn.Module):
             rows = q[:, :, start: start + ATTENTION_QUERY_ROWS]  # (B, H, R, D)
             scores = rows @ k.transpose(-2, -1)  # (B, H, R, T)
             scores += relative_to_absolute(rows @ self.emb_rel_k.transpose(-2, -1), self.window, t, start)
+            if mask is not None:
+                scores = scores.masked_fill(mask[:, :, start: start + rows.shape[2]] == 0, ATTENTION_MASKED)
             p = F.softmax(scores, dim=-1)
             out[:, :, start: start + rows.shape[2]] = p @ v + absolute_to_relative(p, self.window, start) @ self.emb_rel_v
         return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
@@ -2542,9 +2546,12 @@ class SynthFFN(nn.Module):
         self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
         self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        x = torch.relu(self.conv_1(F.pad(x, self.pad)))  # (B, filter, T)
-        return self.conv_2(F.pad(x, self.pad))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, T)
+        if mask is None:
+            x = torch.relu(self.conv_1(F.pad(x, self.pad)))  # (B, filter, T)
+            return self.conv_2(F.pad(x, self.pad))
+        x = torch.relu(self.conv_1(F.pad(x * mask, self.pad)))  # mask (B, 1, T): 0 on padding
+        return self.conv_2(F.pad(x * mask, self.pad)) * mask
 
 
 class SynthTransformer(nn.Module):
@@ -2558,12 +2565,15 @@ class SynthTransformer(nn.Module):
         self.ffn_layers = nn.ModuleList(SynthFFN(channels, filter_channels, kernel_size) for _ in range(n_layers))
         self.norm_layers_2 = nn.ModuleList(SynthLayerNorm(channels) for _ in range(n_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, T)
+        """mask (B, 1, T): 1 on the frames of each item of a padded batch (training), else None."""
+        attn_mask = None if mask is None else mask.unsqueeze(2) * mask.unsqueeze(-1)  # (B, 1, T, T)
+        x = x if mask is None else x * mask
         for attn, norm_1, ffn, norm_2 in zip(self.attn_layers, self.norm_layers_1,
                                              self.ffn_layers, self.norm_layers_2):
-            x = norm_1(x + attn(x))
-            x = norm_2(x + ffn(x))
-        return x
+            x = norm_1(x + attn(x, attn_mask))
+            x = norm_2(x + ffn(x, mask))
+        return x if mask is None else x * mask
 
 
 class SynthTextEncoder(nn.Module):
@@ -2579,13 +2589,16 @@ class SynthTextEncoder(nn.Module):
                                         cfg.kernel_size)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
 
-    def forward(self, phone: torch.Tensor, pitch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, phone: torch.Tensor, pitch: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mask (B, 1, T): 1 on each item's frames of a padded (training) batch."""
         x = self.emb_phone(phone)  # (B, T, hidden)
         if self.emb_pitch is not None:
             x = x + self.emb_pitch(pitch)
         x = F.leaky_relu(x * math.sqrt(self.hidden), LRELU_SLOPE)
-        x = self.encoder(x.transpose(1, 2))  # (B, hidden, T)
-        m_p, logs_p = self.proj(x).chunk(2, dim=1)  # (B, inter, T) each
+        x = self.encoder(x.transpose(1, 2), mask)  # (B, hidden, T)
+        stats = self.proj(x) if mask is None else self.proj(x) * mask
+        m_p, logs_p = stats.chunk(2, dim=1)  # (B, inter, T) each
         return m_p, logs_p
 
 
@@ -2605,7 +2618,8 @@ class SynthWaveNet(nn.Module):
             self.res_skip_layers.append(nn.Conv1d(hidden, hidden if last else 2 * hidden, 1))
         self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # x (B, H, T), g (B, gin, 1)
+    def forward(self, x: torch.Tensor, g: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # x (B, H, T), g (B, gin, 1), mask (B, 1, T)
         h = self.hidden
         cond = self.cond_layer(g)  # (B, 2H*layers, 1), broadcast over time
         out = torch.zeros_like(x)
@@ -2614,11 +2628,11 @@ class SynthWaveNet(nn.Module):
             acts = torch.tanh(gates[:, :h]) * torch.sigmoid(gates[:, h:])
             res_and_skip = res_skip(acts)  # (B, 2H, T), the last layer's (B, H, T) is all skip
             if i < len(self.in_layers) - 1:
-                x = x + res_and_skip[:, :h]
+                x = x + res_and_skip[:, :h] if mask is None else (x + res_and_skip[:, :h]) * mask
                 out = out + res_and_skip[:, h:]
             else:
                 out = out + res_and_skip
-        return out  # (B, H, T)
+        return out if mask is None else out * mask  # (B, H, T)
 
 
 class SynthCouplingLayer(nn.Module):
@@ -2637,6 +2651,12 @@ class SynthCouplingLayer(nn.Module):
         shift = self.post(self.enc(self.pre(x0), g))  # mean only: the log-scale is 0
         return torch.cat([x0, x1 - shift], dim=1)
 
+    def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training direction, on a padded batch (mask (B, 1, T))."""
+        x0, x1 = x.split(self.half, dim=1)
+        shift = self.post(self.enc(self.pre(x0) * mask, g, mask)) * mask
+        return torch.cat([x0, shift + x1 * mask], dim=1)
+
 
 class SynthFlip(nn.Module):
     """The WebUI's Flip: reverse the channel order (its own inverse)."""
@@ -2644,10 +2664,13 @@ class SynthFlip(nn.Module):
     def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.flip(x, [1])
 
+    def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, [1])
+
 
 class SynthFlow(nn.Module):
-    """The WebUI's ResidualCouplingBlock: [coupling, flip] x FLOW_COUPLINGS; only the
-    reverse (sampling) direction is needed."""
+    """The WebUI's ResidualCouplingBlock: [coupling, flip] x FLOW_COUPLINGS; reverse() samples,
+    forward() (training) maps the posterior to the prior."""
 
     def __init__(self, cfg: SynthConfig):
         super().__init__()
@@ -2659,6 +2682,12 @@ class SynthFlow(nn.Module):
     def reverse(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, inter, T)
         for flow in reversed(self.flows):
             x = flow.reverse(x, g)
+        return x
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training direction: the posterior's z to the prior's z_p."""
+        for flow in self.flows:
+            x = flow(x, g, mask)
         return x
 
 
@@ -2725,7 +2754,8 @@ class SynthResBlock(nn.Module):
         # traffic. (In low precision the convs return bf16 and x stays fp32.)
         for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2)):
             residual = conv2(F.leaky_relu_(conv1(self._activated(x)), LRELU_SLOPE))
-            x = x + residual if i == 0 else x.add_(residual)  # the first x is the caller's
+            in_place = i > 0 and not torch.is_grad_enabled()  # (autograd keeps x for the next activation)
+            x = x.add_(residual) if in_place else x + residual  # the first x is the caller's
         return x
 
     def _activated(self, x: torch.Tensor) -> torch.Tensor:
@@ -2851,6 +2881,11 @@ class SynthDecoder(nn.Module):
                 x = x + conv1d_one_channel(source, self.noise_convs[i])
             blocks = self.resblocks[i * self.n_kernels: (i + 1) * self.n_kernels]
             total = blocks[0](x)  # the blocks' mean, summed in place in the same order
+            if torch.is_grad_enabled():  # (training: autograd keeps what in-place sums would change)
+                for block in blocks[1:]:
+                    total = total + block(x)
+                x = total / self.n_kernels
+                continue
             for block in blocks[1:]:
                 total.add_(block(x))
             x = total.div_(self.n_kernels)
@@ -5593,7 +5628,393 @@ def training_tool(run: Run) -> Callable[[Run], int] | None:
 
 
 # -----------------------------------------------------------------------------
-# 12e. The mode a command line asks for
+# 12e. Training: the WebUI's training step (train/train.py train_and_evaluate)
+# -----------------------------------------------------------------------------
+
+# The networks of training: the synthesizer of section 8 with the posterior encoder enc_q
+# (linear spectrogram -> z) and the weight norm the WebUI trains through (its weight_g and
+# weight_v are the parameters), and the multi-period discriminator. One step: the generator
+# runs on a batch and decodes a random slice of its posterior z; the discriminator learns
+# from the real and the decoded slice; then the generator learns from the updated
+# discriminator (adversarial, feature matching), the mel spectrogram (L1 × c_mel) and the
+# KL divergence between posterior and prior (× c_kl). Read for facts: train/train.py,
+# train/losses.py, train/mel_processing.py, infer/module/models.py and commons.py (4338f12).
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """The WebUI's training config of a version and rate (configs/v1|v2/<rate>.json)."""
+
+    sample_rate: int
+    filter_length: int  # n_fft of the linear spectrogram enc_q reads; spec channels = filter_length // 2 + 1
+    hop: int  # samples per frame (= the decoder's upsampling)
+    window: int
+    n_mels: int  # of the mel loss
+    segment: int  # samples of each item decoded per step
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.8, 0.99)
+    eps: float = 1e-9
+    lr_decay: float = 0.999875  # per epoch
+    batch_size: int = 4
+    c_mel: float = 45.0
+    c_kl: float = 1.0
+
+    @property
+    def segment_frames(self) -> int:
+        return self.segment // self.hop
+
+
+TRAINING_RECIPES = {
+    ("v1", 32000): TrainingRecipe(32000, 1024, 320, 1024, 80, 12800),
+    ("v1", 40000): TrainingRecipe(40000, 2048, 400, 2048, 125, 12800),
+    ("v1", 48000): TrainingRecipe(48000, 2048, 480, 2048, 128, 11520),
+    ("v2", 32000): TrainingRecipe(32000, 1024, 320, 1024, 80, 12800),
+    ("v2", 40000): TrainingRecipe(40000, 2048, 400, 2048, 125, 12800),  # (v2 40k trains with v1's config)
+    ("v2", 48000): TrainingRecipe(48000, 2048, 480, 2048, 128, 17280),
+}
+POSTERIOR_KERNEL, POSTERIOR_DILATION, POSTERIOR_LAYERS = 5, 1, 16  # enc_q's WaveNet
+SPECTROGRAM_EPS = 2e-7  # |STFT| = sqrt(re² + im² + eps)
+MEL_FLOOR = 2e-6  # log(max(mel, floor))
+FEATURE_MATCHING_SCALE = 2.0
+# The convolutions the WebUI wraps in weight norm: the decoder's upsampling and residual
+# blocks, and every WaveNet (flow and enc_q); in the discriminators, every convolution.
+WEIGHT_NORMED = re.compile(r"(dec\.ups\.\d+|dec\.resblocks\.\d+\.convs[12]\.\d+"
+                           r"|(flow\.flows\.\d+|enc_q)\.enc\.(in_layers\.\d+|res_skip_layers\.\d+|cond_layer)"
+                           r"|discriminators\.\d+\.(convs\.\d+|conv_post))")
+WEIGHT_NORM_NAMES = ((".weight_g", ".parametrizations.weight.original0"),  # the WebUI's, torch's
+                     (".weight_v", ".parametrizations.weight.original1"))
+
+
+def sequence_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,) lengths -> (B, 1, size) float mask, 1 on each item's first `length` frames."""
+    return (torch.arange(size, device=lengths.device)[None] < lengths[:, None]).unsqueeze(1).float()
+
+
+def slice_segments(x: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
+    """x[b, ..., starts[b]: starts[b] + size] for every item b of (B, ..., T)."""
+    return torch.stack([x[b, ..., int(s): int(s) + size] for b, s in enumerate(starts)])
+
+
+def weight_normed(module: nn.Module) -> nn.Module:
+    """`module` with the WebUI's convolutions under weight norm (in place)."""
+    for name, layer in list(module.named_modules()):
+        if WEIGHT_NORMED.fullmatch(name):
+            nn.utils.parametrizations.weight_norm(layer)
+    return module
+
+
+def to_webui_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A weight-normed module's state dict under the WebUI's names (weight_g, weight_v)."""
+    out = {}
+    for key, value in state.items():
+        for webui, ours in WEIGHT_NORM_NAMES:
+            key = key.replace(ours, webui) if key.endswith(ours) else key
+        out[key] = value
+    return out
+
+
+def from_webui_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for webui, ours in WEIGHT_NORM_NAMES:
+            key = key[: -len(webui)] + ours if key.endswith(webui) else key
+        out[key] = value
+    return out
+
+
+class PosteriorEncoder(nn.Module):
+    """The WebUI's PosteriorEncoder (enc_q): linear spectrogram -> posterior sample z."""
+
+    def __init__(self, spec_channels: int, cfg: SynthConfig):
+        super().__init__()
+        self.inter = cfg.inter_channels
+        self.pre = nn.Conv1d(spec_channels, cfg.hidden_channels, 1)
+        self.enc = SynthWaveNet(cfg.hidden_channels, POSTERIOR_KERNEL, POSTERIOR_DILATION, POSTERIOR_LAYERS,
+                                cfg.gin_channels)
+        self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.inter_channels, 1)
+
+    def forward(self, spec: torch.Tensor, mask: torch.Tensor, g: torch.Tensor,
+                rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """spec (B, F, T), mask (B, 1, T), g (B, gin, 1) -> z, m_q, logs_q (B, inter, T)."""
+        stats = self.proj(self.enc(self.pre(spec) * mask, g, mask)) * mask
+        m, logs = stats.split(self.inter, dim=1)
+        eps = torch.randn(m.shape, generator=rng, dtype=m.dtype).to(m.device)
+        return (m + eps * torch.exp(logs)) * mask, m, logs
+
+
+@dataclass
+class TrainingBatch:
+    """A padded batch as the WebUI's collate makes it (TextAudioCollateMultiNSFsid)."""
+
+    phone: torch.Tensor  # (B, T, D) content features, repeated to 100 frames/s
+    phone_lengths: torch.Tensor  # (B,)
+    pitch: torch.Tensor | None  # (B, T) coarse pitch (None: a model without pitch)
+    pitchf: torch.Tensor | None  # (B, T) Hz
+    spec: torch.Tensor  # (B, F, T) linear spectrogram
+    spec_lengths: torch.Tensor  # (B,)
+    wave: torch.Tensor  # (B, 1, T * hop)
+    sid: torch.Tensor  # (B,) speaker
+
+    def to(self, device: torch.device) -> "TrainingBatch":
+        return TrainingBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                for f in fields(self)})
+
+
+class TrainingSynthesizer(Synthesizer):
+    """The WebUI's training generator (SynthesizerTrnMs*NSFsid*): the synthesizer, enc_q, and
+    weight norm where the WebUI trains through it."""
+
+    def __init__(self, cfg: SynthConfig, phone_dim: int, has_f0: bool, n_speakers: int, spec_channels: int,
+                 segment_frames: int):
+        super().__init__(cfg, phone_dim, has_f0, n_speakers)
+        self.spec_channels, self.segment_frames = spec_channels, segment_frames
+        self.enc_q = PosteriorEncoder(spec_channels, cfg)
+        weight_normed(self)
+
+    def webui_parameters(self) -> list[nn.Parameter]:
+        """The parameters in the WebUI's order (its optimizer state is kept by position): v2
+        re-creates enc_p after the rest, so it comes last there."""
+        tops = (["enc_p"] if self.phone_dim == VERSION_PHONE_DIMS["v1"] else []) + ["dec", "enc_q", "flow", "emb_g"]
+        tops += [] if tops[0] == "enc_p" else ["enc_p"]
+        return [p for top in tops for p in getattr(self, top).parameters()]
+
+    def train_forward(self, batch: TrainingBatch, rng: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """The WebUI's training forward: y_hat (B, 1, segment) decoded from a random slice of
+        the posterior z, with what the losses need. Random numbers are drawn from `rng` in
+        the WebUI's order: enc_q's noise, the slice starts, the sine's (unused) initial
+        phase and its noise."""
+        g = self.emb_g(batch.sid).unsqueeze(-1)  # (B, gin, 1)
+        x_mask = sequence_mask(batch.phone_lengths, batch.phone.shape[1])
+        m_p, logs_p = self.enc_p(batch.phone, batch.pitch, x_mask)
+        z_mask = sequence_mask(batch.spec_lengths, batch.spec.shape[2])
+        z, m_q, logs_q = self.enc_q(batch.spec, z_mask, g, rng)
+        z_p = self.flow(z, g, z_mask)
+        u = torch.rand(len(batch.sid), generator=rng).to(z.device)
+        starts = (u * (batch.spec_lengths - self.segment_frames + 1)).long()  # rand_slice_segments
+        z_slice = slice_segments(z, starts, self.segment_frames)
+        if self.has_f0:
+            f0 = slice_segments(batch.pitchf, starts, self.segment_frames)
+            torch.rand((len(batch.sid), 1), generator=rng)  # (the initial phase of harmonics: none here)
+            noise = torch.randn((len(batch.sid), self.segment_frames * self.hop, 1), generator=rng).to(z.device)
+            y_hat = self.dec(z_slice, g, f0, noise)
+        else:
+            y_hat = self.dec(z_slice, g)
+        return {"y_hat": y_hat, "starts": starts, "z": z, "z_p": z_p, "m_p": m_p, "logs_p": logs_p,
+                "m_q": m_q, "logs_q": logs_q, "z_mask": z_mask}
+
+
+# The discriminators (infer/module/models.py): a scale discriminator on the waveform and
+# one period discriminator per period, on the waveform folded into rows of that period.
+# Kernels, strides and paddings are the WebUI's; the channel counts (and the scale one's
+# groups) are read from the weights when there are pretrained ones.
+SCALE_LAYERS = ((15, 1, 7), (41, 4, 20), (41, 4, 20), (41, 4, 20), (41, 4, 20), (5, 1, 2))  # kernel, stride, pad
+SCALE_CHANNELS = ((16, 1), (64, 4), (256, 16), (1024, 64), (1024, 256), (1024, 1))  # WebUI: (out, groups)
+PERIOD_STRIDES = (3, 3, 3, 3, 1)  # kernel (5, 1), padding (2, 0)
+PERIOD_CHANNELS = (32, 128, 512, 1024, 1024)
+PERIOD_KERNEL = 5
+POST_KERNEL = 3
+DISCRIMINATOR_PERIODS = {"v1": (2, 3, 5, 7, 11, 17), "v2": (2, 3, 5, 7, 11, 17, 23, 37)}
+
+
+class ScaleDiscriminator(nn.Module):
+    """The WebUI's DiscriminatorS: strided grouped convolutions over the waveform."""
+
+    def __init__(self, channels: Sequence[tuple[int, int]] = SCALE_CHANNELS):
+        super().__init__()
+        ins = [1] + [out for out, _ in channels[:-1]]
+        self.convs = nn.ModuleList(nn.Conv1d(c_in, out, k, s, groups=groups, padding=p)
+                                   for c_in, (out, groups), (k, s, p) in zip(ins, channels, SCALE_LAYERS))
+        self.conv_post = nn.Conv1d(channels[-1][0], 1, POST_KERNEL, 1, padding=POST_KERNEL // 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # (B, 1, N)
+        fmap = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return torch.flatten(x, 1), fmap
+
+
+class PeriodDiscriminator(nn.Module):
+    """The WebUI's DiscriminatorP: 2-d convolutions over the waveform folded into rows of
+    `period` samples (reflect-padded to a whole number of rows)."""
+
+    def __init__(self, period: int, channels: Sequence[int] = PERIOD_CHANNELS):
+        super().__init__()
+        self.period = period
+        ins = [1] + list(channels[:-1])
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, out, (PERIOD_KERNEL, 1), (stride, 1), padding=(PERIOD_KERNEL // 2, 0))
+            for c_in, out, stride in zip(ins, channels, PERIOD_STRIDES))
+        self.conv_post = nn.Conv2d(channels[-1], 1, (POST_KERNEL, 1), 1, padding=(POST_KERNEL // 2, 0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # (B, 1, N)
+        b, c, n = x.shape
+        if n % self.period:
+            x = F.pad(x, (0, self.period - n % self.period), "reflect")
+        x = x.view(b, c, -1, self.period)  # (B, 1, N / period, period)
+        fmap = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return torch.flatten(x, 1), fmap
+
+
+class MultiPeriodDiscriminator(nn.Module):
+    """The WebUI's MultiPeriodDiscriminator (v1) / MultiPeriodDiscriminatorV2 (v2)."""
+
+    def __init__(self, periods: Sequence[int], scale: Sequence[tuple[int, int]] = SCALE_CHANNELS,
+                 period_channels: Sequence[Sequence[int]] | None = None):
+        super().__init__()
+        period_channels = period_channels or [PERIOD_CHANNELS] * len(periods)
+        self.discriminators = nn.ModuleList(
+            [ScaleDiscriminator(scale)] + [PeriodDiscriminator(p, c) for p, c in zip(periods, period_channels)])
+        weight_normed(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], path: Path) -> "MultiPeriodDiscriminator":
+        """The discriminator a D_*.pth's tensors describe (WebUI names)."""
+        count = _count(state, "discriminators.{}.")
+        periods = next((p for p in DISCRIMINATOR_PERIODS.values() if len(p) + 1 == count), None)
+        if periods is None:
+            raise ModelFileError(f"not a WebUI discriminator: {count} discriminators (v1 has 7, v2 9)", path)
+        try:
+            outs = [_shape(state, f"discriminators.0.convs.{i}") for i in range(len(SCALE_LAYERS))]
+            ins = [1] + [o[0] for o in outs[:-1]]
+            scale = [(o[0], c_in // o[1]) for c_in, o in zip(ins, outs)]
+            period_channels = [[_shape(state, f"discriminators.{d}.convs.{i}")[0] for i in range(len(PERIOD_STRIDES))]
+                               for d in range(1, count)]
+        except KeyError as exc:
+            raise ModelFileError(f"not a complete discriminator: missing tensor {exc.args[0]!r}", path) from exc
+        return cls(periods, scale, period_channels)
+
+    def forward(self, y: torch.Tensor, y_hat: torch.Tensor) -> tuple[list, list, list, list]:
+        """Real and generated waveforms (B, 1, N) -> each discriminator's outputs on both,
+        and its feature maps on both."""
+        real, fake, fmap_real, fmap_fake = [], [], [], []
+        for d in self.discriminators:
+            r, fr = d(y)
+            g, fg = d(y_hat)
+            real.append(r)
+            fake.append(g)
+            fmap_real.append(fr)
+            fmap_fake.append(fg)
+        return real, fake, fmap_real, fmap_fake
+
+
+def linear_spectrogram(y: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
+    """(B, N) -> (B, filter_length // 2 + 1, frames) magnitudes, as the WebUI's
+    spectrogram_torch: reflect-padded by (n_fft − hop) / 2, not centred, periodic Hann."""
+    pad = int((recipe.filter_length - recipe.hop) / 2)
+    y = F.pad(y.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    window = torch.hann_window(recipe.window, dtype=y.dtype, device=y.device)
+    spec = torch.stft(y, recipe.filter_length, hop_length=recipe.hop, win_length=recipe.window, window=window,
+                      center=False, normalized=False, onesided=True, return_complex=True)
+    return torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + SPECTROGRAM_EPS)
+
+
+@lru_cache(maxsize=8)
+def _mel_basis(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    import librosa
+
+    return librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=None)  # Slaney, as the WebUI
+
+
+def spec_to_mel(spec: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
+    """(B, F, T) magnitudes -> (B, n_mels, T) log mel (the WebUI's spec_to_mel_torch)."""
+    basis = torch.from_numpy(_mel_basis(recipe.sample_rate, recipe.filter_length, recipe.n_mels)).to(spec)
+    return torch.log(torch.clamp(torch.matmul(basis, spec), min=MEL_FLOOR))
+
+
+def discriminator_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Least squares: real outputs towards 1, generated ones towards 0."""
+    return sum(torch.mean((1 - r.float()) ** 2) + torch.mean(g.float() ** 2) for r, g in zip(real, fake))
+
+
+def generator_loss(fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum(torch.mean((1 - g.float()) ** 2) for g in fake)
+
+
+FeatureMaps = Sequence[Sequence[torch.Tensor]]  # per discriminator, per layer
+
+
+def feature_loss(fmap_real: FeatureMaps, fmap_fake: FeatureMaps) -> torch.Tensor:
+    """Feature matching: the mean |difference| of every feature map, summed, × 2."""
+    total = sum(torch.mean(torch.abs(r.float().detach() - g.float()))
+                for dr, dg in zip(fmap_real, fmap_fake) for r, g in zip(dr, dg))
+    return total * FEATURE_MATCHING_SCALE
+
+
+def kl_loss(z_p: torch.Tensor, logs_q: torch.Tensor, m_p: torch.Tensor, logs_p: torch.Tensor,
+            z_mask: torch.Tensor) -> torch.Tensor:
+    """KL(posterior ‖ prior) per valid frame (summed over channels, divided by frames)."""
+    kl = logs_p - logs_q - 0.5
+    kl += 0.5 * ((z_p - m_p) ** 2) * torch.exp(-2.0 * logs_p)
+    return torch.sum(kl * z_mask) / torch.sum(z_mask)
+
+
+def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
+    """The total 2-norm of the gradients, as the WebUI logs it (commons.clip_grad_value_)."""
+    return sum(p.grad.norm(2).item() ** 2 for p in parameters if p.grad is not None) ** 0.5
+
+
+@dataclass
+class StepReport:
+    """The losses of one step (floats) and the gradients' norms."""
+
+    loss_disc: float
+    loss_gen: float
+    loss_fm: float
+    loss_mel: float
+    loss_kl: float
+    loss_gen_all: float
+    grad_norm_d: float
+    grad_norm_g: float
+
+
+def train_step(net_g: TrainingSynthesizer, net_d: MultiPeriodDiscriminator, optim_g: torch.optim.Optimizer,
+               optim_d: torch.optim.Optimizer, batch: TrainingBatch, recipe: TrainingRecipe,
+               rng: torch.Generator | None = None) -> tuple[StepReport, dict[str, torch.Tensor]]:
+    """One step of the WebUI's train_and_evaluate: the discriminator's update, then the
+    generator's against the updated discriminator. Returns the losses and the forward's tensors."""
+    out = net_g.train_forward(batch, rng)
+    y_hat, starts = out["y_hat"], out["starts"]
+    y_mel = slice_segments(spec_to_mel(batch.spec, recipe), starts, recipe.segment_frames)
+    y_hat_mel = spec_to_mel(linear_spectrogram(y_hat.float().squeeze(1), recipe), recipe)
+    wave = slice_segments(batch.wave, starts * recipe.hop, recipe.segment)
+
+    real, fake, _, _ = net_d(wave, y_hat.detach())
+    loss_disc = discriminator_loss(real, fake)
+    optim_d.zero_grad()
+    loss_disc.backward()
+    grad_norm_d = grad_norm(net_d.parameters())
+    optim_d.step()
+
+    real, fake, fmap_real, fmap_fake = net_d(wave, y_hat)
+    loss_mel = F.l1_loss(y_mel, y_hat_mel) * recipe.c_mel
+    loss_kl = kl_loss(out["z_p"], out["logs_q"], out["m_p"], out["logs_p"], out["z_mask"]) * recipe.c_kl
+    loss_fm = feature_loss(fmap_real, fmap_fake)
+    loss_gen = generator_loss(fake)
+    loss_gen_all = loss_gen + loss_fm + loss_mel + loss_kl
+    optim_g.zero_grad()
+    loss_gen_all.backward()
+    grad_norm_g = grad_norm(net_g.webui_parameters())  # (the WebUI's order: the same float sum)
+    optim_g.step()
+    report = StepReport(loss_disc.item(), loss_gen.item(), loss_fm.item(), loss_mel.item(), loss_kl.item(),
+                        loss_gen_all.item(), grad_norm_d, grad_norm_g)
+    return report, {**out, "y_mel": y_mel, "y_hat_mel": y_hat_mel, "wave": wave}
+
+
+def webui_adamw(parameters: Sequence[nn.Parameter], recipe: TrainingRecipe) -> torch.optim.AdamW:
+    """train.py's optimizer: AdamW with the config's rate, betas and eps (weight decay
+    torch's default, 0.01, which train.py does not set)."""
+    return torch.optim.AdamW(parameters, recipe.learning_rate, betas=recipe.betas, eps=recipe.eps)
+
+
+# -----------------------------------------------------------------------------
+# 12f. The mode a command line asks for
 # -----------------------------------------------------------------------------
 
 def run_mode(run: Run) -> int:
