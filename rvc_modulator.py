@@ -35,7 +35,7 @@ it (tests/test_structure.py checks that), so it can be read from the top down.
   12. Modes           a run and what it owns; convert, check, list models, model info;
                       12b folder batches; 12c the service worker (--serve); 12d the
                       training tools (dataset, index, extraction, merging); 12e the
-                      training step; 12f the choice of mode.
+                      training step; 12f the trainer (--train); 12g the choice of mode.
   13. Command line    the entry point: one run, its exit code and its --json report.
 """
 from __future__ import annotations
@@ -256,6 +256,11 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "index_k": (int, 1, 1024),
     "nprobe": (int, 1, 1 << 20),
     "alpha": (float, 0.0, 1.0),
+    "epochs": (int, 1, 100_000),
+    "batch_size": (int, 1, 1024),
+    "save_every": (int, 1, 100_000),
+    "log_every": (int, 1, 10**9),
+    "keep_checkpoints": (int, 0, 10_000),
 }
 # The training tools' --sample_rate (the rates of the WebUI's pretrained models) and --model_version.
 DATASET_RATES, DEFAULT_DATASET_RATE = (32000, 40000, 48000), 40000
@@ -435,6 +440,24 @@ def build_parser() -> argparse.ArgumentParser:
     option("model_version", choices=MODEL_VERSIONS, default=None,
            help="v1 (256-d features) or v2 (768-d) (default v2; --build_index: the features DIR holds)")
     option("comment", metavar="TEXT", help="the info text of an extracted or merged model")
+    option("train", nargs=2, metavar=("DATASET_DIR", "NAME"),
+           help="prepare DATASET_DIR and train <models_dir>/rvc/NAME.pth (and NAME.index) with the WebUI's recipe; "
+                "the same command again resumes")
+    option("pretrained_g", metavar="PATH", help="--train: the generator to start from (e.g. pretrained_v2/f0G40k.pth)")
+    option("pretrained_d", metavar="PATH", help="--train: the discriminator to start from (e.g. f0D40k.pth)")
+    option("epochs", type=_ranged("epochs"), default=None, metavar="N",
+           help=f"--train: epochs, {_range_text('epochs')} (default 200)")
+    option("batch_size", type=_ranged("batch_size"), default=None, metavar="N",
+           help=f"--train: chunks per step, {_range_text('batch_size')} (default 4, the WebUI's config)")
+    option("save_every", type=_ranged("save_every"), default=None, metavar="N",
+           help=f"--train: a checkpoint every N epochs, {_range_text('save_every')} (default 10)")
+    option("keep_checkpoints", type=_ranged("keep_checkpoints"), default=None, metavar="N",
+           help=f"--train: checkpoints kept, {_range_text('keep_checkpoints')}; 0 keeps all (default 2)")
+    option("log_every", type=_ranged("log_every"), default=None, metavar="N",
+           help=f"--train --json: a step event every N steps, {_range_text('log_every')} "
+                f"(default: about 4 an epoch, every step of small runs)")
+    option("work_dir", metavar="DIR", help="--train: the prepared dataset and checkpoints "
+                                            "(default <models_dir>/training/NAME)")
 
     section("service")
     option("serve", action="store_true",
@@ -4150,6 +4173,7 @@ class RunState:
         self.warnings: list[str] = []
         self.said = set() if said is None else said
         self.committing = False
+        self.deferring = False  # a trainer stops at its next step's end, with a checkpoint
         self.interrupted_by: str | None = None
         self._private: Path | None = None
 
@@ -4179,7 +4203,7 @@ class RunState:
         """SIGINT/SIGTERM unwind like Ctrl-C (a BaseException that no `except Exception`
         swallows), so every cleanup on the way out runs and no partial output remains."""
         self.interrupted_by = signal.Signals(signum).name  # a worker stops after this request
-        if not self.committing:
+        if not (self.committing or self.deferring):
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -4828,7 +4852,7 @@ SERVE_REQUEST_FIELDS = ("id", "op", "input", "output", "model")  # besides conve
 SERVE_GLOBAL_OPTIONS = ("models_dir", "hubert", "rmvpe", "device", "precision", "threads", "quiet", "verbose",
                         "cache_models")
 SERVE_MODE_OPTIONS = ("json", "check", "list_models", "info", "serve",  # "op" says these
-                      "prepare_dataset", "build_index", "extract_model", "merge_models")  # (not a worker's)
+                      "prepare_dataset", "build_index", "extract_model", "merge_models", "train")  # (not a worker's)
 
 
 def parse_request(line: str) -> dict[str, Any]:
@@ -5613,20 +5637,6 @@ def merge_models(run: Run) -> int:
     return EXIT_OK
 
 
-TRAINING_TOOLS = ("prepare_dataset", "build_index", "extract_model", "merge_models")
-
-
-def training_tool(run: Run) -> Callable[[Run], int] | None:
-    """The training tool the command line asks for, if any."""
-    chosen = [name for name in TRAINING_TOOLS if getattr(run.args, name)]
-    if len(chosen) > 1:
-        raise UsageError(f"--{chosen[0]} and --{chosen[1]} cannot be combined")
-    if chosen and (run.args.input or run.args.output or run.args.model):
-        raise UsageError(f"--{chosen[0]} takes no INPUT, OUTPUT or MODEL: {run.args.input!r} is extra")
-    return {"prepare_dataset": prepare_dataset, "build_index": build_index, "extract_model": extract_model,
-            "merge_models": merge_models}[chosen[0]] if chosen else None
-
-
 # -----------------------------------------------------------------------------
 # 12e. Training: the WebUI's training step (train/train.py train_and_evaluate)
 # -----------------------------------------------------------------------------
@@ -6014,8 +6024,381 @@ def webui_adamw(parameters: Sequence[nn.Parameter], recipe: TrainingRecipe) -> t
 
 
 # -----------------------------------------------------------------------------
-# 12f. The mode a command line asks for
+# 12f. The trainer: --train DATASET_DIR NAME
 # -----------------------------------------------------------------------------
+
+# train/train.py's loop on a prepared folder (12d): the items present in every folder, in
+# length buckets (DistributedBucketSampler: items "longer" than each boundary, their length
+# estimated from the file size as the WebUI does; each epoch shuffled by its number), one
+# step per batch (12e), the learning rate decayed per epoch, checkpoints in the WebUI's
+# format (G_<step>.pth, D_<step>.pth: model, optimizer, learning_rate, iteration = epoch)
+# every --save_every epochs and at the end, then the small model and the index.
+TRAIN_BUCKETS = (100, 200, 300, 400, 500, 600, 700, 800, 900)  # train.py's boundaries
+MAX_PHONE_FRAMES = 900  # the loader's cut (get_labels)
+BUCKET_LENGTH_BYTES = 3  # length estimate: file bytes // (3 · hop)
+DEFAULT_EPOCHS, DEFAULT_SAVE_EVERY, DEFAULT_KEEP_CHECKPOINTS = 200, 10, 2
+LOG_LINES_PER_EPOCH = 4  # --log_every's default: about this many step events per epoch (every step of small runs)
+WEBUI_SPEAKERS = 109  # spk_embed_dim of the WebUI's configs (one speaker is trained: 0)
+WEBUI_FULL_SIZE = dict(inter=192, hidden=192, filter=768, heads=2, layers=6, initial=512, gin=256)
+DECODER_INIT_STD = 0.01  # the WebUI's init_weights of the decoder's convolutions (from random)
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    name: str
+    wav: Path
+    phone: Path
+    pitch: Path | None
+    pitchf: Path | None
+
+
+def training_items(work: Path, version: str, has_f0: bool) -> list[TrainingItem]:
+    """The chunks a prepared folder has every file of (the WebUI's filelist)."""
+    items = []
+    for wav in sorted((work / GT_WAVS).glob("*.wav")):
+        name = wav.stem
+        phone = work / FEATURE_DIRS[version] / f"{name}.npy"
+        pitch, pitchf = (work / F0_COARSE_DIR / f"{name}.wav.npy", work / F0_HZ_DIR / f"{name}.wav.npy")
+        if phone.is_file() and (not has_f0 or (pitch.is_file() and pitchf.is_file())):
+            items.append(TrainingItem(name, wav, phone, pitch if has_f0 else None, pitchf if has_f0 else None))
+    return items
+
+
+def load_training_item(item: TrainingItem, recipe: TrainingRecipe) -> tuple:
+    """(spec, wav, phone, pitch, pitchf) as the WebUI's loader makes them: features repeated
+    to 100 frames/s and cut at MAX_PHONE_FRAMES; all cut to the shorter of phone and spec."""
+    from scipy.io import wavfile
+
+    rate, audio = wavfile.read(item.wav)
+    if rate != recipe.sample_rate:
+        raise InputAudioError(f"a {rate} Hz chunk in a {recipe.sample_rate} Hz training", item.wav)
+    wav = torch.from_numpy(audio.astype(np.float32))[None]  # (1, N)
+    spec = linear_spectrogram(wav, recipe)[0]  # (F, T)
+    phone = np.repeat(np.load(item.phone), 2, axis=0)
+    n = min(len(phone), MAX_PHONE_FRAMES)
+    phone = torch.from_numpy(phone[:n]).float()
+    pitch = None if item.pitch is None else torch.from_numpy(np.load(item.pitch)[:n]).long()
+    pitchf = None if item.pitchf is None else torch.from_numpy(np.load(item.pitchf)[:n]).float()
+    if len(phone) != spec.shape[-1]:
+        n = min(len(phone), spec.shape[-1])
+        spec, wav, phone = spec[:, :n], wav[:, :n * recipe.hop], phone[:n]
+        pitch = None if pitch is None else pitch[:n]
+        pitchf = None if pitchf is None else pitchf[:n]
+    return spec, wav, phone, pitch, pitchf
+
+
+def collate(rows: Sequence[tuple], sid: int = 0) -> TrainingBatch:
+    """Zero-padded, longest first (TextAudioCollateMultiNSFsid)."""
+    order = sorted(range(len(rows)), key=lambda i: -rows[i][0].shape[1])  # (stable: as torch.sort on CPU here)
+    rows = [rows[i] for i in order]
+    b, frames, samples = len(rows), max(r[0].shape[1] for r in rows), max(r[1].shape[1] for r in rows)
+    phones = max(r[2].shape[0] for r in rows)
+    spec = torch.zeros(b, rows[0][0].shape[0], frames)
+    wave = torch.zeros(b, 1, samples)
+    phone = torch.zeros(b, phones, rows[0][2].shape[1])
+    has_f0 = rows[0][3] is not None
+    pitch = torch.zeros(b, phones, dtype=torch.long) if has_f0 else None
+    pitchf = torch.zeros(b, phones) if has_f0 else None
+    for i, (s, w, p, c, f) in enumerate(rows):
+        spec[i, :, : s.shape[1]], wave[i, :, : w.shape[1]], phone[i, : len(p)] = s, w, p
+        if has_f0:
+            pitch[i, : len(c)], pitchf[i, : len(f)] = c, f
+    lengths = partial(torch.tensor, dtype=torch.long)
+    return TrainingBatch(phone, lengths([len(r[2]) for r in rows]), pitch, pitchf, spec,
+                         lengths([r[0].shape[1] for r in rows]), wave, torch.full((b,), sid, dtype=torch.long))
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, epoch: int) -> list[list[int]]:
+    """The WebUI's DistributedBucketSampler (one process): items by length bucket, each
+    bucket filled up to whole batches by repeating it, shuffled by `epoch`."""
+    buckets = [[i for i, n in enumerate(lengths) if lo < n <= hi] for lo, hi in zip(TRAIN_BUCKETS, TRAIN_BUCKETS[1:])]
+    buckets = [b for b in buckets if b]
+    g = torch.Generator().manual_seed(epoch)
+    orders = [torch.randperm(len(b), generator=g).tolist() for b in buckets]
+    batches = []
+    for bucket, order in zip(buckets, orders):
+        missing = -len(bucket) % batch_size
+        order = order + order * (missing // len(bucket)) + order[: missing % len(bucket)]
+        batches += [[bucket[k] for k in order[j: j + batch_size]] for j in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def webui_training_config(cfg: list, recipe: TrainingRecipe) -> dict:
+    """The experiment's config.json as the WebUI writes it (so that it can resume ours)."""
+    (_, _, inter, hidden, filt, heads, layers, kernel, dropout, resblock, rb_kernels, rb_dilations, rates,
+     initial, up_kernels, speakers, gin, rate) = cfg
+    return {
+        "train": {"log_interval": 200, "seed": 1234, "epochs": 20000, "learning_rate": recipe.learning_rate,
+                  "betas": list(recipe.betas), "eps": recipe.eps, "batch_size": recipe.batch_size,
+                  "lr_decay": recipe.lr_decay, "segment_size": recipe.segment, "init_lr_ratio": 1,
+                  "warmup_epochs": 0, "c_mel": recipe.c_mel, "c_kl": recipe.c_kl},
+        "data": {"max_wav_value": 32768.0, "sampling_rate": rate, "filter_length": recipe.filter_length,
+                 "hop_length": recipe.hop, "win_length": recipe.window, "n_mel_channels": recipe.n_mels,
+                 "mel_fmin": 0.0, "mel_fmax": None},
+        "model": {"inter_channels": inter, "hidden_channels": hidden, "filter_channels": filt, "n_heads": heads,
+                  "n_layers": layers, "kernel_size": kernel, "p_dropout": dropout, "resblock": resblock,
+                  "resblock_kernel_sizes": rb_kernels, "resblock_dilation_sizes": rb_dilations,
+                  "upsample_rates": rates, "upsample_initial_channel": initial,
+                  "upsample_kernel_sizes": up_kernels, "use_spectral_norm": False, "gin_channels": gin,
+                  "spk_embed_dim": speakers},
+    }
+
+
+def default_generator_config(version: str, rate: int) -> list:
+    """The WebUI's full-size generator of a version and rate (for training from random weights)."""
+    spec, rates, kernels = WEBUI_UPSAMPLING[(version, rate)]
+    s = WEBUI_FULL_SIZE
+    return [spec, WEBUI_SEGMENT_FRAMES, s["inter"], s["hidden"], s["filter"], s["heads"], s["layers"],
+            WEBUI_TEXT_KERNEL, 0, "1", [3, 7, 11], [list(WEBUI_DILATIONS)] * 3, list(rates), s["initial"],
+            list(kernels), WEBUI_SPEAKERS, s["gin"], rate]
+
+
+def read_checkpoint(path: Path, kind: str) -> Mapping[str, Any]:
+    """A WebUI training checkpoint (G or D): its dict, with `model` a dict of tensors."""
+    ckpt = load_torch_file(path)
+    model = ckpt.get("model") if isinstance(ckpt, Mapping) else None
+    if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ModelFileError(f"not a training checkpoint ({kind}): no 'model' state dict", path)
+    is_d = any(str(k).startswith("discriminators.") for k in model)
+    if is_d != (kind == "D"):
+        raise ModelFileError(f"expected a {'discriminator (D_*.pth)' if kind == 'D' else 'generator (G_*.pth)'}, "
+                             f"this is a {'discriminator' if is_d else 'generator'}", path)
+    return ckpt
+
+
+def load_into(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """WebUI-named weights into a training net; every key and shape must fit."""
+    ours = from_webui_names(state)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in ours]
+    if missing or any(k not in expected for k in ours):
+        extra = [k for k in ours if k not in expected]
+        raise ModelFileError(f"the checkpoint does not fit this training: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}", path)
+    for key, value in ours.items():
+        if value.shape != expected[key].shape:
+            raise ModelFileError(f"the checkpoint does not fit: {key} is {list(value.shape)}, the network's "
+                                 f"{list(expected[key].shape)}", path)
+    net.load_state_dict({k: v.float() for k, v in ours.items()})
+
+
+def latest_checkpoints(work: Path) -> tuple[Path, Path] | None:
+    """The newest G_<step>.pth with its D_<step>.pth in the work folder."""
+    steps = sorted(int(m.group(1)) for p in work.glob("G_*.pth") if (m := re.fullmatch(r"G_(\d+)\.pth", p.name))
+                   and (work / f"D_{m.group(1)}.pth").is_file())
+    return (work / f"G_{steps[-1]}.pth", work / f"D_{steps[-1]}.pth") if steps else None
+
+
+def save_checkpoint(net: nn.Module, optim: torch.optim.Optimizer, recipe: TrainingRecipe, epoch: int,
+                    path: Path) -> None:
+    state = to_webui_names(net.state_dict())
+    save_model_atomic({"model": state, "iteration": epoch, "optimizer": optim.state_dict(),
+                       "learning_rate": recipe.learning_rate}, path)
+
+
+def prune_checkpoints(work: Path, keep: int) -> None:
+    steps = sorted(int(m.group(1)) for p in work.glob("G_*.pth") if (m := re.fullmatch(r"G_(\d+)\.pth", p.name)))
+    for step in steps[:-keep] if keep > 0 else []:
+        for kind in "GD":
+            (work / f"{kind}_{step}.pth").unlink(missing_ok=True)
+
+
+def small_model(net: TrainingSynthesizer, config: list, info: str) -> dict:
+    """The inference model of a training generator, as --extract_model writes it."""
+    weight = {k: v.half() for k, v in to_webui_names(net.state_dict()).items() if "enc_q" not in k}
+    version = PHONE_DIM_VERSIONS[net.phone_dim]
+    return {"weight": weight, "config": config, "info": info, "version": version, "sr": rate_name(config[-1]),
+            "f0": int(net.has_f0)}
+
+
+def init_from_random(net: TrainingSynthesizer) -> None:
+    """What the WebUI's constructors give a generator that no pretrained file fills: normal
+    embeddings and the decoder's convolutions drawn with DECODER_INIT_STD."""
+    for embedding in (net.emb_g, net.enc_p.emb_pitch):
+        if embedding is not None:
+            nn.init.normal_(embedding.weight)
+    with torch.no_grad():
+        for name, module in net.dec.named_modules():
+            if name.startswith(("ups.", "resblocks.")) and isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+                direction = module.parametrizations.weight.original1
+                direction.normal_(0.0, DECODER_INIT_STD)
+                module.parametrizations.weight.original0.copy_(
+                    torch.linalg.vector_norm(direction, dim=tuple(range(1, direction.dim())), keepdim=True))
+
+
+def training_networks(run: Run, version: str, rate: int, recipe: TrainingRecipe, work: Path,
+                      seed: int) -> dict[str, Any]:
+    """The generator and discriminator to train: the latest checkpoints of the work folder
+    (a resumption), else the pretrained files, else random weights (with a warning)."""
+    args = run.args
+    resume = latest_checkpoints(work) if work.is_dir() else None
+    sources = resume or (None if args.pretrained_g is None else Path(args.pretrained_g),
+                         None if args.pretrained_d is None else Path(args.pretrained_d))
+    for source, option in zip(sources, ("--pretrained_g", "--pretrained_d")):
+        if source is not None and not source.is_file():
+            raise NotFoundError("pretrained weights not found", source)
+    g_ckpt = read_checkpoint(sources[0], "G") if sources[0] else None
+    d_ckpt = read_checkpoint(sources[1], "D") if sources[1] else None
+    if g_ckpt is None or d_ckpt is None:
+        run.warn("training starts from random weights (no --pretrained_g/--pretrained_d): on a small dataset "
+                 "the voice will be poor; the WebUI's pretrained_v2/f0G40k.pth and f0D40k.pth are the usual start")
+    torch.manual_seed(seed)  # (train.py seeds before it builds the networks)
+    if g_ckpt is not None:
+        try:
+            config = config_from_weights(g_ckpt["model"], rate)
+        except KeyError as exc:
+            raise ModelFileError(f"not a complete generator: missing tensor {exc.args[0]!r}", sources[0]) from exc
+        if PHONE_DIM_VERSIONS[g_ckpt["model"]["enc_p.emb_phone.weight"].shape[1]] != version:
+            raise UsageError(f"{sources[0].name} is not a {version} generator; give its --model_version", sources[0])
+        if config[-1] != rate:
+            raise UsageError(f"{sources[0].name} is a {config[-1]} Hz generator; give --sample_rate {config[-1]}",
+                             sources[0])
+        has_f0, speakers = "enc_p.emb_pitch.weight" in g_ckpt["model"], g_ckpt["model"]["emb_g.weight"].shape[0]
+    else:
+        config, has_f0, speakers = default_generator_config(version, rate), True, WEBUI_SPEAKERS
+    if config[0] != recipe.filter_length // 2 + 1:
+        raise ModelFileError(f"the generator reads {config[0]} spectrogram channels, a {rate} Hz training "
+                             f"makes {recipe.filter_length // 2 + 1}", sources[0])
+    net_g = TrainingSynthesizer(SynthConfig.from_list(config), VERSION_PHONE_DIMS[version], has_f0, speakers,
+                                config[0], recipe.segment_frames)
+    if g_ckpt is not None:
+        load_into(net_g, g_ckpt["model"], sources[0])
+    else:
+        init_from_random(net_g)
+    if d_ckpt is not None:
+        net_d = MultiPeriodDiscriminator.from_state(d_ckpt["model"], sources[1])
+        load_into(net_d, d_ckpt["model"], sources[1])
+    else:
+        net_d = MultiPeriodDiscriminator(DISCRIMINATOR_PERIODS[version])
+    device = use_device(args)[0]
+    net_g.to(device).train()
+    net_d.to(device).train()
+    optim_g, optim_d = webui_adamw(net_g.webui_parameters(), recipe), webui_adamw(list(net_d.parameters()), recipe)
+    epoch, step = 1, 0
+    if resume:
+        optim_g.load_state_dict(g_ckpt["optimizer"])
+        optim_d.load_state_dict(d_ckpt["optimizer"])
+        epoch, step = int(g_ckpt["iteration"]) + 1, int(resume[0].stem.split("_")[1])
+    return dict(net_g=net_g, net_d=net_d, optim_g=optim_g, optim_d=optim_d, config=config, has_f0=has_f0,
+                epoch=epoch, step=step, device=device, resumed=str(resume[0]) if resume else None)
+
+
+def train(run: Run) -> int:
+    """--train DATASET_DIR NAME: prepare the dataset (12d), train (the WebUI's recipe),
+    then write <models_dir>/rvc/NAME.pth and NAME.index."""
+    args = run.args
+    dataset = Path(args.train[0])
+    model_path, index_path = (voice_target(run, args.train[1], suffix) for suffix in (".pth", ".index"))
+    name = model_path.stem
+    version, rate = args.model_version or "v2", args.sample_rate or DEFAULT_DATASET_RATE
+    recipe = TRAINING_RECIPES[(version, rate)]
+    recipe = replace(recipe, batch_size=args.batch_size or recipe.batch_size)
+    work = Path(args.work_dir) if args.work_dir else run.paths.models_dir / "training" / name
+    seed = 1234 if args.seed is None else args.seed  # (the WebUI's configs' seed)
+    dataset_files(dataset)
+    nets = training_networks(run, version, rate, recipe, work, seed)
+    net_g, net_d, optim_g, optim_d, device = (nets[k] for k in ("net_g", "net_d", "optim_g", "optim_d", "device"))
+    epochs = args.epochs or DEFAULT_EPOCHS
+
+    hubert = load_dataset_hubert(run, version, device)
+    method, rmvpe = choose_f0_method(args.f0_method, run.paths.rmvpe)[0], None
+    if nets["has_f0"] and method == "rmvpe":
+        with incomplete_download_hint(run.paths.rmvpe, RMVPE_FILE):
+            rmvpe = run.load("rmvpe", run.paths.rmvpe, lambda _: load_rmvpe(run.paths.rmvpe)).to(device)
+    work.mkdir(parents=True, exist_ok=True)
+    slice_dataset(run, dataset, work, rate)
+    extract_dataset_features(run, work, hubert, version, device)
+    if nets["has_f0"]:
+        extract_dataset_pitch(run, work, method, rmvpe, device)
+    items = training_items(work, version, nets["has_f0"])
+    lengths = [item.wav.stat().st_size // (BUCKET_LENGTH_BYTES * recipe.hop) for item in items]
+    if not bucket_batches(lengths, recipe.batch_size, 1):
+        raise InputAudioError("no chunk is long enough to train on (each must be about a second or more)", dataset)
+    with atomic_file(work / "config.json") as tmp:  # (the WebUI's, so that it can resume from here)
+        tmp.write_text(json.dumps(webui_training_config(nets["config"], recipe), indent=4))
+
+    steps_per_epoch = len(bucket_batches(lengths, recipe.batch_size, 1))
+    log_every = args.log_every or max(1, steps_per_epoch // LOG_LINES_PER_EPOCH)
+    epoch, step, saved_step = nets["epoch"], nets["step"], nets["step"]
+    checkpoints: list[str] = []  # (in the report as they are written: an interrupted run names its last)
+    run.report.update(work_dir=str(work), checkpoints=checkpoints, resumed_from=nets["resumed"])
+
+    def save(at_epoch: int) -> None:
+        nonlocal saved_step
+        for kind, net, optim in (("G", net_g, optim_g), ("D", net_d, optim_d)):
+            save_checkpoint(net, optim, recipe, at_epoch, work / f"{kind}_{step}.pth")
+        saved_step = step
+        checkpoints.append(str(work / f"G_{step}.pth"))
+        prune_checkpoints(work, DEFAULT_KEEP_CHECKPOINTS if args.keep_checkpoints is None else args.keep_checkpoints)
+
+    started, last = time.perf_counter(), None
+    run.state.deferring = True  # SIGINT/SIGTERM: stop after the step, with a checkpoint
+    try:
+        for epoch in range(epoch, epochs + 1):
+            lr = recipe.learning_rate * recipe.lr_decay ** (epoch - 1)  # ExponentialLR, stepped per epoch
+            for optim in (optim_g, optim_d):
+                for group in optim.param_groups:
+                    group["lr"] = lr
+            for ids in bucket_batches(lengths, recipe.batch_size, epoch):
+                batch = collate([load_training_item(items[i], recipe) for i in ids]).to(device)
+                last, _ = train_step(net_g, net_d, optim_g, optim_d, batch, recipe,
+                                     torch.Generator().manual_seed(seed + step))
+                step += 1
+                losses = {k: v for k, v in asdict(last).items() if k.startswith("loss_")}
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise InferenceError(f"the losses stopped being finite at step {step} (epoch {epoch}); the last "
+                                         f"checkpoint is kept ({checkpoints[-1] if checkpoints else 'none yet'})")
+                seconds = time.perf_counter() - started
+                if args.json and (step % log_every == 0 or step == 1):
+                    losses.pop("loss_gen_all")
+                    print_json({"event": "step", "epoch": epoch, "step": step, **losses, "lr": lr,
+                                "seconds": round(seconds, 3)})
+                done = (epoch - nets["epoch"]) * steps_per_epoch + 1
+                rate_now = done / max(seconds, 1e-9)
+                eta = ((epochs - epoch + 1) * steps_per_epoch - 1) / max(rate_now, 1e-9)
+                run.progress_line(f"epoch {epoch}/{epochs} step {step}: mel {last.loss_mel:.2f} kl {last.loss_kl:.2f} "
+                                  f"gen {last.loss_gen:.2f} disc {last.loss_disc:.2f}, {rate_now:.2f} steps/s, "
+                                  f"ETA {eta / 60:.0f} min")
+                if run.state.interrupted_by is not None:
+                    raise KeyboardInterrupt
+            if epoch % (args.save_every or DEFAULT_SAVE_EVERY) == 0 or epoch == epochs:
+                save(epoch)
+    except KeyboardInterrupt:
+        if step > saved_step:
+            save(epoch)
+        raise
+    finally:
+        run.state.deferring = False
+
+    model = small_model(net_g, nets["config"], f"{epochs}epoch")
+    save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER}, model_path)
+    _, index = train_feature_index(read_features(work / FEATURE_DIRS[version]), seed, run.say)
+    write_index_atomic(index, index_path)
+    elapsed = time.perf_counter() - run.state.started
+    run.report.update(model=str(model_path), index=str(index_path), epochs=epochs, steps=step, chunks=len(items),
+                      losses=None if last is None else asdict(last), seconds=round(elapsed, 3))
+    run.say(f"trained {name} for {epochs} epochs ({step} steps) in {elapsed / 60:.1f} min: {model_path} and "
+            f"{index_path.name}")
+    return EXIT_OK
+
+
+# -----------------------------------------------------------------------------
+# 12g. The mode a command line asks for
+# -----------------------------------------------------------------------------
+
+TRAINING_TOOLS = ("prepare_dataset", "build_index", "extract_model", "merge_models", "train")
+
+
+def training_tool(run: Run) -> Callable[[Run], int] | None:
+    """The training tool the command line asks for, if any."""
+    chosen = [name for name in TRAINING_TOOLS if getattr(run.args, name)]
+    if len(chosen) > 1:
+        raise UsageError(f"--{chosen[0]} and --{chosen[1]} cannot be combined")
+    if chosen and (run.args.input or run.args.output or run.args.model):
+        raise UsageError(f"--{chosen[0]} takes no INPUT, OUTPUT or MODEL: {run.args.input!r} is extra")
+    return {"prepare_dataset": prepare_dataset, "build_index": build_index, "extract_model": extract_model,
+            "merge_models": merge_models, "train": train}[chosen[0]] if chosen else None
+
 
 def run_mode(run: Run) -> int:
     """The mode the command line asks for: a worker, a training tool, or one job."""
