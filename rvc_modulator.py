@@ -5825,6 +5825,18 @@ POST_KERNEL = 3
 DISCRIMINATOR_PERIODS = {"v1": (2, 3, 5, 7, 11, 17), "v2": (2, 3, 5, 7, 11, 17, 23, 37)}
 
 
+def discriminate(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A discriminator's stack: each convolution and a leaky ReLU, then conv_post; returns
+    the flattened score and every layer's output (the feature maps of feature matching)."""
+    fmap = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmap.append(x)
+    x = post(x)
+    fmap.append(x)
+    return torch.flatten(x, 1), fmap
+
+
 class ScaleDiscriminator(nn.Module):
     """The WebUI's DiscriminatorS: strided grouped convolutions over the waveform."""
 
@@ -5836,13 +5848,7 @@ class ScaleDiscriminator(nn.Module):
         self.conv_post = nn.Conv1d(channels[-1][0], 1, POST_KERNEL, 1, padding=POST_KERNEL // 2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # (B, 1, N)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1), fmap
+        return discriminate(self.convs, self.conv_post, x)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -5863,13 +5869,7 @@ class PeriodDiscriminator(nn.Module):
         if n % self.period:
             x = F.pad(x, (0, self.period - n % self.period), "reflect")
         x = x.view(b, c, -1, self.period)  # (B, 1, N / period, period)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1), fmap
+        return discriminate(self.convs, self.conv_post, x)
 
 
 class MultiPeriodDiscriminator(nn.Module):
