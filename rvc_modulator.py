@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("log_every", type=_ranged("log_every"), default=None, metavar="N",
            help=f"--train --json: a step event every N steps, {_range_text('log_every')} "
                 f"(default: about 4 an epoch, every step of small runs)")
+    option("save_models", action="store_true",
+           help="--train: with every checkpoint also the voice model of that epoch, NAME_e<epoch>_s<step>.pth")
     option("work_dir", metavar="DIR", help="--train: the prepared dataset and checkpoints "
                                             "(default <models_dir>/training/NAME)")
 
@@ -5840,7 +5842,7 @@ def discriminate(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> tupl
 class ScaleDiscriminator(nn.Module):
     """The WebUI's DiscriminatorS: strided grouped convolutions over the waveform."""
 
-    def __init__(self, channels: Sequence[tuple[int, int]] = SCALE_CHANNELS):
+    def __init__(self, channels: Sequence[tuple[int, int]]):
         super().__init__()
         ins = [1] + [out for out, _ in channels[:-1]]
         self.convs = nn.ModuleList(nn.Conv1d(c_in, out, k, s, groups=groups, padding=p)
@@ -5855,7 +5857,7 @@ class PeriodDiscriminator(nn.Module):
     """The WebUI's DiscriminatorP: 2-d convolutions over the waveform folded into rows of
     `period` samples (reflect-padded to a whole number of rows)."""
 
-    def __init__(self, period: int, channels: Sequence[int] = PERIOD_CHANNELS):
+    def __init__(self, period: int, channels: Sequence[int]):
         super().__init__()
         self.period = period
         ins = [1] + list(channels[:-1])
@@ -5875,9 +5877,11 @@ class PeriodDiscriminator(nn.Module):
 class MultiPeriodDiscriminator(nn.Module):
     """The WebUI's MultiPeriodDiscriminator (v1) / MultiPeriodDiscriminatorV2 (v2)."""
 
-    def __init__(self, periods: Sequence[int], scale: Sequence[tuple[int, int]] = SCALE_CHANNELS,
+    def __init__(self, periods: Sequence[int], scale: Sequence[tuple[int, int]] | None = None,
                  period_channels: Sequence[Sequence[int]] | None = None):
+        """Without channel counts: the WebUI's (SCALE_CHANNELS, PERIOD_CHANNELS)."""
         super().__init__()
+        scale = scale or SCALE_CHANNELS
         period_channels = period_channels or [PERIOD_CHANNELS] * len(periods)
         self.discriminators = nn.ModuleList(
             [ScaleDiscriminator(scale)] + [PeriodDiscriminator(p, c) for p, c in zip(periods, period_channels)])
@@ -6329,6 +6333,10 @@ def train(run: Run) -> int:
             save_checkpoint(net, optim, recipe, at_epoch, work / f"{kind}_{step}.pth")
         saved_step = step
         checkpoints.append(str(work / f"G_{step}.pth"))
+        if args.save_models:  # (the WebUI's save_every_weights, under its names)
+            model = small_model(net_g, nets["config"], f"{at_epoch}epoch")
+            save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER},
+                              model_path.with_name(f"{name}_e{at_epoch}_s{step}.pth"))
         prune_checkpoints(work, DEFAULT_KEEP_CHECKPOINTS if args.keep_checkpoints is None else args.keep_checkpoints)
 
     started, last = time.perf_counter(), None

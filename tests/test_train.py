@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,46 @@ def test_a_discriminator_is_not_a_generator(fixtures: Path, tmp_path: Path) -> N
     assert code == rvc.EXIT_BAD_MODEL and "expected a generator" in lines[-1]["message"]
     code, lines = train_lines(*train_args(fixtures, tmp_path, "--pretrained_d", tmp_path / "nowhere.pth"))
     assert code == rvc.EXIT_NOT_FOUND, lines[-1]
+
+
+def test_each_checkpoint_can_bring_its_voice_model(fixtures: Path, tmp_path: Path) -> None:
+    code, lines = train_lines(*train_args(fixtures, tmp_path, "--epochs", 2, "--save_models"))
+    assert code == 0, lines[-1]
+    steps = lines[-1]["steps"]
+    names = sorted(p.name for p in (tmp_path / "rvc").glob("*.pth"))
+    assert names == sorted(["me.pth", f"me_e1_s{steps // 2}.pth", f"me_e2_s{steps}.pth"])
+    last, final = (torch.load(tmp_path / "rvc" / n, weights_only=True)["weight"] for n in (names[-1], "me.pth"))
+    assert all(torch.equal(last[k], final[k]) for k in final)
+
+
+def test_a_non_finite_loss_stops_with_exit_6_and_keeps_the_checkpoint(fixtures: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    real_step, calls = rvc.train_step, []
+
+    def failing_step(*args, **kwargs):
+        report, out = real_step(*args, **kwargs)
+        calls.append(1)
+        return (replace(report, loss_mel=float("nan")) if len(calls) > 4 else report), out
+
+    monkeypatch.setattr(rvc, "train_step", failing_step)
+    code, lines = train_lines(*train_args(fixtures, tmp_path, "--epochs", 3))
+    assert code == rvc.EXIT_INFERENCE and "finite" in lines[-1]["message"], lines[-1]
+    work = tmp_path / "training" / "me"
+    assert sorted(p.name for p in work.glob("G_*.pth")) == ["G_4.pth"]  # epoch 1's, the last good one
+    assert not (tmp_path / "rvc" / "me.pth").exists()
+
+
+def test_without_pretrained_files_training_starts_from_random_weights(fixtures: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    monkeypatch.setattr(rvc, "WEBUI_FULL_SIZE", dict(inter=16, hidden=8, filter=32, heads=2, layers=2, initial=16,
+                                                     gin=16))  # (full-size networks are too slow for a test)
+    monkeypatch.setattr(rvc, "SCALE_CHANNELS", ((1, 1), (2, 1), (8, 1), (32, 2), (32, 8), (32, 1)))
+    monkeypatch.setattr(rvc, "PERIOD_CHANNELS", (1, 4, 16, 32, 32))
+    args = [a for a in train_args(fixtures, tmp_path, "--epochs", 1) if "G_0" not in a and "D_0" not in a]
+    args = [a for a in args if a not in ("--pretrained_g", "--pretrained_d")]
+    code, lines = train_lines(*args)
+    assert code == 0, lines[-1]
+    assert any("random weights" in w for w in lines[-1]["warnings"])
+    model = torch.load(tmp_path / "rvc" / "me.pth", weights_only=True)
+    speakers = model["weight"]["emb_g.weight"]
+    assert speakers.shape == (rvc.WEBUI_SPEAKERS, 16) and speakers.float().std() > 0.5  # drawn, not zeros
