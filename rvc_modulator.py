@@ -5988,34 +5988,62 @@ class StepReport:
     grad_norm_g: float
 
 
+@dataclass
+class MixedPrecision:
+    """train.py's autocast and GradScaler: fp16 (scaled) or bf16 on a GPU; off (fp32) on the
+    CPU, where the scaler passes everything through."""
+
+    dtype: torch.dtype | None = None  # None: fp32
+    scaler: Any = None  # torch.amp.GradScaler
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def autocast(self, device: torch.device, enabled: bool = True) -> Any:
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32,
+                              enabled=enabled and self.dtype is not None)
+
+
 def train_step(net_g: TrainingSynthesizer, net_d: MultiPeriodDiscriminator, optim_g: torch.optim.Optimizer,
                optim_d: torch.optim.Optimizer, batch: TrainingBatch, recipe: TrainingRecipe,
-               rng: torch.Generator | None = None) -> tuple[StepReport, dict[str, torch.Tensor]]:
+               rng: torch.Generator | None = None,
+               precision: MixedPrecision | None = None) -> tuple[StepReport, dict[str, torch.Tensor]]:
     """One step of the WebUI's train_and_evaluate: the discriminator's update, then the
-    generator's against the updated discriminator. Returns the losses and the forward's tensors."""
-    out = net_g.train_forward(batch, rng)
-    y_hat, starts = out["y_hat"], out["starts"]
-    y_mel = slice_segments(spec_to_mel(batch.spec, recipe), starts, recipe.segment_frames)
-    y_hat_mel = spec_to_mel(linear_spectrogram(y_hat.float().squeeze(1), recipe), recipe)
-    wave = slice_segments(batch.wave, starts * recipe.hop, recipe.segment)
-
-    real, fake, _, _ = net_d(wave, y_hat.detach())
-    loss_disc = discriminator_loss(real, fake)
+    generator's against the updated discriminator. Returns the losses and the forward's
+    tensors. The losses are taken in fp32 whatever the autocast."""
+    precision = precision or MixedPrecision()
+    device, scaler = batch.spec.device, precision.scaler
+    with precision.autocast(device):
+        out = net_g.train_forward(batch, rng)
+        y_hat, starts = out["y_hat"], out["starts"]
+        y_mel = slice_segments(spec_to_mel(batch.spec, recipe), starts, recipe.segment_frames)
+        with precision.autocast(device, enabled=False):
+            y_hat_mel = spec_to_mel(linear_spectrogram(y_hat.float().squeeze(1), recipe), recipe)
+        wave = slice_segments(batch.wave, starts * recipe.hop, recipe.segment)
+        real, fake, _, _ = net_d(wave, y_hat.detach())
+        with precision.autocast(device, enabled=False):
+            loss_disc = discriminator_loss(real, fake)
     optim_d.zero_grad()
-    loss_disc.backward()
+    scaler.scale(loss_disc).backward()
+    scaler.unscale_(optim_d)
     grad_norm_d = grad_norm(net_d.parameters())
-    optim_d.step()
+    scaler.step(optim_d)
 
-    real, fake, fmap_real, fmap_fake = net_d(wave, y_hat)
-    loss_mel = F.l1_loss(y_mel, y_hat_mel) * recipe.c_mel
-    loss_kl = kl_loss(out["z_p"], out["logs_q"], out["m_p"], out["logs_p"], out["z_mask"]) * recipe.c_kl
-    loss_fm = feature_loss(fmap_real, fmap_fake)
-    loss_gen = generator_loss(fake)
-    loss_gen_all = loss_gen + loss_fm + loss_mel + loss_kl
+    with precision.autocast(device):
+        real, fake, fmap_real, fmap_fake = net_d(wave, y_hat)
+        with precision.autocast(device, enabled=False):
+            loss_mel = F.l1_loss(y_mel.float(), y_hat_mel) * recipe.c_mel
+            loss_kl = kl_loss(*(out[k].float() for k in ("z_p", "logs_q", "m_p", "logs_p", "z_mask"))) * recipe.c_kl
+            loss_fm = feature_loss(fmap_real, fmap_fake)
+            loss_gen = generator_loss(fake)
+            loss_gen_all = loss_gen + loss_fm + loss_mel + loss_kl
     optim_g.zero_grad()
-    loss_gen_all.backward()
+    scaler.scale(loss_gen_all).backward()
+    scaler.unscale_(optim_g)
     grad_norm_g = grad_norm(net_g.webui_parameters())  # (the WebUI's order: the same float sum)
-    optim_g.step()
+    scaler.step(optim_g)
+    scaler.update()
     report = StepReport(loss_disc.item(), loss_gen.item(), loss_fm.item(), loss_mel.item(), loss_kl.item(),
                         loss_gen_all.item(), grad_norm_d, grad_norm_g)
     return report, {**out, "y_mel": y_mel, "y_hat_mel": y_hat_mel, "wave": wave}
@@ -6274,7 +6302,10 @@ def training_networks(run: Run, version: str, rate: int, recipe: TrainingRecipe,
         load_into(net_d, d_ckpt["model"], sources[1])
     else:
         net_d = MultiPeriodDiscriminator(DISCRIMINATOR_PERIODS[version])
-    device = use_device(args)[0]
+    device, dtype = use_device(args)
+    if device.type != "cuda" and dtype != torch.float32:
+        run.warn(f"--precision {precision_name(dtype)} has no effect on training on the {device.type}: it is fp32")
+    precision = MixedPrecision(dtype if device.type == "cuda" and dtype != torch.float32 else None)
     net_g.to(device).train()
     net_d.to(device).train()
     optim_g, optim_d = webui_adamw(net_g.webui_parameters(), recipe), webui_adamw(list(net_d.parameters()), recipe)
@@ -6284,7 +6315,8 @@ def training_networks(run: Run, version: str, rate: int, recipe: TrainingRecipe,
         optim_d.load_state_dict(d_ckpt["optimizer"])
         epoch, step = int(g_ckpt["iteration"]) + 1, int(resume[0].stem.split("_")[1])
     return dict(net_g=net_g, net_d=net_d, optim_g=optim_g, optim_d=optim_d, config=config, has_f0=has_f0,
-                epoch=epoch, step=step, device=device, resumed=str(resume[0]) if resume else None)
+                epoch=epoch, step=step, device=device, precision=precision,
+                resumed=str(resume[0]) if resume else None)
 
 
 def train(run: Run) -> int:
@@ -6350,7 +6382,7 @@ def train(run: Run) -> int:
             for ids in bucket_batches(lengths, recipe.batch_size, epoch):
                 batch = collate([load_training_item(items[i], recipe) for i in ids]).to(device)
                 last, _ = train_step(net_g, net_d, optim_g, optim_d, batch, recipe,
-                                     torch.Generator().manual_seed(seed + step))
+                                     torch.Generator().manual_seed(seed + step), nets["precision"])
                 step += 1
                 losses = {k: v for k, v in asdict(last).items() if k.startswith("loss_")}
                 if not all(math.isfinite(v) for v in losses.values()):

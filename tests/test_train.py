@@ -180,3 +180,8 @@ def test_without_pretrained_files_training_starts_from_random_weights(fixtures: 
     model = torch.load(tmp_path / "rvc" / "me.pth", weights_only=True)
     speakers = model["weight"]["emb_g.weight"]
     assert speakers.shape == (rvc.WEBUI_SPEAKERS, 16) and speakers.float().std() > 0.5  # drawn, not zeros
+
+
+def test_on_the_cpu_training_is_fp32_whatever_the_precision(fixtures: Path, tmp_path: Path) -> None:
+    code, lines = train_lines(*train_args(fixtures, tmp_path, "--epochs", 1, "--precision", "bf16"))
+    assert code == 0 and any("--precision bf16 has no effect on training" in w for w in lines[-1]["warnings"])
