@@ -185,3 +185,17 @@ def test_without_pretrained_files_training_starts_from_random_weights(fixtures: 
 def test_on_the_cpu_training_is_fp32_whatever_the_precision(fixtures: Path, tmp_path: Path) -> None:
     code, lines = train_lines(*train_args(fixtures, tmp_path, "--epochs", 1, "--precision", "bf16"))
     assert code == 0 and any("--precision bf16 has no effect on training" in w for w in lines[-1]["warnings"])
+
+
+def test_the_webuis_own_checkpoints_resume(fixtures: Path, tmp_path: Path) -> None:
+    """A WebUI training folder's G_/D_ (here the golden's, after its one step of epoch 1):
+    weights and AdamW state load by position, and training goes on with epoch 2."""
+    work = tmp_path / "training" / "me"
+    work.mkdir(parents=True)
+    for kind in "GD":
+        (work / f"{kind}_1.pth").write_bytes((fixtures / "train_step" / "v2_40k_f0" / f"{kind}_1.pth").read_bytes())
+    code, lines = train_lines(*train_args(fixtures, tmp_path, "--epochs", 2))
+    assert code == 0, lines[-1]
+    assert lines[-1]["resumed_from"] == str(work / "G_1.pth") and lines[-1]["steps"] > 1
+    resumed = torch.load(work / f"G_{lines[-1]['steps']}.pth", weights_only=True)
+    assert resumed["iteration"] == 2 and resumed["optimizer"]["state"][0]["step"] > 1
