@@ -6395,9 +6395,9 @@ def train(run: Run) -> int:
                     losses.pop("loss_gen_all")
                     print_json({"event": "step", "epoch": epoch, "step": step, **losses, "lr": lr,
                                 "seconds": round(seconds, 3)})
-                done = (epoch - nets["epoch"]) * steps_per_epoch + 1
+                done, total = step - nets["step"], (epochs - nets["epoch"] + 1) * steps_per_epoch  # (this run's)
                 rate_now = done / max(seconds, 1e-9)
-                eta = ((epochs - epoch + 1) * steps_per_epoch - 1) / max(rate_now, 1e-9)
+                eta = (total - done) / max(rate_now, 1e-9)
                 run.progress_line(f"epoch {epoch}/{epochs} step {step}: mel {last.loss_mel:.2f} kl {last.loss_kl:.2f} "
                                   f"gen {last.loss_gen:.2f} disc {last.loss_disc:.2f}, {rate_now:.2f} steps/s, "
                                   f"ETA {eta / 60:.0f} min")
