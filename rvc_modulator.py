@@ -5147,8 +5147,9 @@ def slice_dataset(run: Run, dataset: Path, work: Path, rate: int) -> DatasetRepo
     report = DatasetReport()
     gt_dir, wav16_dir = work / GT_WAVS, work / WAVS_16K
     done = next(gt_dir.glob("*.wav"), None) if gt_dir.is_dir() else None
-    if done is not None and sf.info(str(done)).samplerate != rate:
-        raise UsageError(f"the work folder was prepared at {sf.info(str(done)).samplerate} Hz, not {rate}: "
+    done_rate = sf.info(str(done)).samplerate if done is not None else rate
+    if done_rate != rate:
+        raise UsageError(f"the work folder was prepared at {done_rate} Hz, not {rate}: "
                          "give that --sample_rate, or another folder", work)
     for folder in (gt_dir, wav16_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -5480,8 +5481,7 @@ def _upsampling(state: Mapping[str, torch.Tensor], version: str, kernels: tuple[
                          + ("" if rate else "; give --sample_rate"))
 
 
-def config_from_weights(state: Mapping[str, torch.Tensor], rate: int | None = None) -> list:
-    """The WebUI's 18-element config list that describes a generator's state dict."""
+def _config_from_weights(state: Mapping[str, torch.Tensor], rate: int | None) -> list:
     phone_dim = _shape(state, "enc_p.emb_phone")[1]
     version = PHONE_DIM_VERSIONS.get(phone_dim)
     if version is None:
@@ -5507,30 +5507,48 @@ def config_from_weights(state: Mapping[str, torch.Tensor], rate: int | None = No
             dilations, list(rates), _shape(state, "dec.conv_pre")[0], list(up_kernels), speakers, gin, rate]
 
 
+def config_from_weights(state: Mapping[str, torch.Tensor], path: Path, rate: int | None = None) -> list:
+    """The WebUI's 18-element config list that describes a generator's state dict (from
+    the file at `path`, which its errors name)."""
+    try:
+        return _config_from_weights(state, rate)
+    except KeyError as exc:
+        raise ModelFileError(f"not a complete generator: missing tensor {exc.args[0]!r}", path) from exc
+    except ModelFileError as exc:
+        exc.subject = exc.subject or str(path)
+        raise
+
+
 def rate_name(rate: int) -> str:
     """The WebUI's name of a sample rate: 40000 -> "40k"."""
     return f"{rate // 1000}k"
 
 
-def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
-    """A G_*.pth's generator state dict and its `iteration` (the epoch it was saved at)."""
+CHECKPOINT_KINDS = {"G": "a generator (G_*.pth)", "D": "a discriminator (D_*.pth)"}
+
+
+def read_training_checkpoint(path: Path, kind: str = "G") -> Mapping[str, Any]:
+    """A WebUI training checkpoint of `kind` (G or D): its dict, `model` a dict of named
+    tensors (and `iteration`, the epoch it was saved at; `optimizer`, `learning_rate`)."""
     if not path.is_file():
         raise NotFoundError("checkpoint not found", path)
     ckpt = load_torch_file(path)
     model = ckpt.get("model") if isinstance(ckpt, Mapping) else None
     if not isinstance(model, Mapping):
         if isinstance(ckpt, Mapping) and "weight" in ckpt:
-            raise ModelFileError("this is already a small voice model (it has 'weight'): nothing to extract", path)
+            raise ModelFileError("this is already a small voice model (it has 'weight'), not a training "
+                                 "checkpoint", path)
         keys = [str(k) for k in ckpt] if isinstance(ckpt, Mapping) else []
         raise ModelFileError(f"not a training checkpoint: it has no 'model' state dict{_guess_contents(keys)}", path)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise ModelFileError("not a training checkpoint: 'model' is not a dict of named tensors", path)
-    if any(k.startswith("discriminators.") for k in model):
-        raise ModelFileError("this is a discriminator checkpoint (D_*.pth); extract the generator's, G_*.pth", path)
-    if not any(k.startswith("enc_p.") for k in model):
+    found = "D" if any(k.startswith("discriminators.") for k in model) else "G"
+    if found != kind:
+        raise ModelFileError(f"expected {CHECKPOINT_KINDS[kind]}, this is {CHECKPOINT_KINDS[found]}", path)
+    if kind == "G" and not any(k.startswith("enc_p.") for k in model):
         raise ModelFileError("not a generator checkpoint: it has no text encoder (enc_p)"
                              + _guess_contents(list(model)), path)
-    return dict(model), ckpt.get("iteration")
+    return ckpt
 
 
 def checked_small_model(weight: Mapping[str, torch.Tensor], config: list, path: Path) -> SynthConfig:
@@ -5545,6 +5563,17 @@ def checked_small_model(weight: Mapping[str, torch.Tensor], config: list, path: 
     checked_on_meta(lambda: Synthesizer(cfg, phone_dim, has_f0, weight["emb_g.weight"].shape[0]),
                     fold_weight_norm(weight), path)
     return cfg
+
+
+def small_model(state: Mapping[str, torch.Tensor], config: list, info: str) -> dict[str, Any]:
+    """The small voice model of a training generator's (WebUI-named) state dict, as the
+    WebUI's extract_small_model writes it, in its key order (MODEL_FILE_ORDER): fp16, without
+    enc_q (the WebUI's test, on the whole name)."""
+    weight = {k: v.half() for k, v in state.items() if "enc_q" not in k}
+    model = {"weight": weight, "config": config, "info": info,
+             "version": PHONE_DIM_VERSIONS[weight["enc_p.emb_phone.weight"].shape[1]],
+             "sr": rate_name(config[-1]), "f0": int("enc_p.emb_pitch.weight" in weight)}
+    return {key: model[key] for key in MODEL_FILE_ORDER}
 
 
 def save_model_atomic(model: Mapping[str, Any], path: Path) -> None:
@@ -5565,27 +5594,19 @@ def extract_model(run: Run) -> int:
     """--extract_model CHECKPOINT NAME: the small voice model <models_dir>/rvc/NAME.pth."""
     args = run.args
     source, target = Path(args.extract_model[0]), voice_target(run, args.extract_model[1], ".pth")
-    state, epoch = read_training_checkpoint(source)
+    ckpt = read_training_checkpoint(source)
     rate = args.sample_rate
     beside = source.parent / "config.json"  # the WebUI's training folder keeps its config there
     if rate is None and beside.is_file():
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             rate = int(json.loads(beside.read_text())["data"]["sampling_rate"])
-    try:
-        config = config_from_weights(state, rate)
-    except KeyError as exc:
-        raise ModelFileError(f"not a complete generator: missing tensor {exc.args[0]!r}", source) from exc
-    except ModelFileError as exc:
-        exc.subject = exc.subject or str(source)
-        raise
-    weight = {k: v.half() for k, v in state.items() if "enc_q" not in k}  # (the WebUI's test, on the whole name)
-    checked_small_model(weight, config, source)
+    config = config_from_weights(ckpt["model"], source, rate)
+    epoch = ckpt.get("iteration")
     info = args.comment if args.comment is not None else f"extracted from {source.name}" + (
         f", epoch {epoch}" if isinstance(epoch, int) else "")
-    facts = {"config": config, "info": info, "version": PHONE_DIM_VERSIONS[weight["enc_p.emb_phone.weight"].shape[1]],
-             "sr": rate_name(config[-1]), "f0": int("enc_p.emb_pitch.weight" in weight)}
-    model = {"weight": weight, **facts}
-    save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER}, target)
+    model = small_model(ckpt["model"], config, info)
+    checked_small_model(model["weight"], config, source)
+    save_model_atomic(model, target)
     _say_model(run, "extracted", target, model)
     return EXIT_OK
 
@@ -5692,8 +5713,7 @@ FEATURE_MATCHING_SCALE = 2.0
 WEIGHT_NORMED = re.compile(r"(dec\.ups\.\d+|dec\.resblocks\.\d+\.convs[12]\.\d+"
                            r"|(flow\.flows\.\d+|enc_q)\.enc\.(in_layers\.\d+|res_skip_layers\.\d+|cond_layer)"
                            r"|discriminators\.\d+\.(convs\.\d+|conv_post))")
-WEIGHT_NORM_NAMES = ((".weight_g", ".parametrizations.weight.original0"),  # the WebUI's, torch's
-                     (".weight_v", ".parametrizations.weight.original1"))
+WEIGHT_NORM_NAMES = tuple(zip(*_WEIGHT_NORM_SUFFIXES))  # (the WebUI's, torch's) for g, then v
 
 
 def sequence_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -5714,23 +5734,24 @@ def weight_normed(module: nn.Module) -> nn.Module:
     return module
 
 
-def to_webui_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A weight-normed module's state dict under the WebUI's names (weight_g, weight_v)."""
+def _renamed_suffixes(state: Mapping[str, torch.Tensor], pairs: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """`state` with each key ending in a pair's first suffix ending in its second instead."""
     out = {}
     for key, value in state.items():
-        for webui, ours in WEIGHT_NORM_NAMES:
-            key = key.replace(ours, webui) if key.endswith(ours) else key
+        for old, new in pairs:
+            key = key[: -len(old)] + new if key.endswith(old) else key
         out[key] = value
     return out
+
+
+def to_webui_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A weight-normed module's state dict under the WebUI's names (weight_g, weight_v)."""
+    return _renamed_suffixes(state, [(ours, webui) for webui, ours in WEIGHT_NORM_NAMES])
 
 
 def from_webui_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for webui, ours in WEIGHT_NORM_NAMES:
-            key = key[: -len(webui)] + ours if key.endswith(webui) else key
-        out[key] = value
-    return out
+    """The WebUI's names of a training state dict as torch's weight-norm parametrizations call them."""
+    return _renamed_suffixes(state, WEIGHT_NORM_NAMES)
 
 
 class PosteriorEncoder(nn.Module):
@@ -5749,8 +5770,7 @@ class PosteriorEncoder(nn.Module):
         """spec (B, F, T), mask (B, 1, T), g (B, gin, 1) -> z, m_q, logs_q (B, inter, T)."""
         stats = self.proj(self.enc(self.pre(spec) * mask, g, mask)) * mask
         m, logs = stats.split(self.inter, dim=1)
-        eps = torch.randn(m.shape, generator=rng, dtype=m.dtype).to(m.device)
-        return (m + eps * torch.exp(logs)) * mask, m, logs
+        return (m + standard_normal(m.shape, m, rng) * torch.exp(logs)) * mask, m, logs
 
 
 @dataclass
@@ -5785,8 +5805,8 @@ class TrainingSynthesizer(Synthesizer):
     def webui_parameters(self) -> list[nn.Parameter]:
         """The parameters in the WebUI's order (its optimizer state is kept by position): v2
         re-creates enc_p after the rest, so it comes last there."""
-        tops = (["enc_p"] if self.phone_dim == VERSION_PHONE_DIMS["v1"] else []) + ["dec", "enc_q", "flow", "emb_g"]
-        tops += [] if tops[0] == "enc_p" else ["enc_p"]
+        rest = ["dec", "enc_q", "flow", "emb_g"]
+        tops = ["enc_p", *rest] if self.phone_dim == VERSION_PHONE_DIMS["v1"] else [*rest, "enc_p"]
         return [p for top in tops for p in getattr(self, top).parameters()]
 
     def train_forward(self, batch: TrainingBatch, rng: torch.Generator | None) -> dict[str, torch.Tensor]:
@@ -5806,7 +5826,7 @@ class TrainingSynthesizer(Synthesizer):
         if self.has_f0:
             f0 = slice_segments(batch.pitchf, starts, self.segment_frames)
             torch.rand((len(batch.sid), 1), generator=rng)  # (the initial phase of harmonics: none here)
-            noise = torch.randn((len(batch.sid), self.segment_frames * self.hop, 1), generator=rng).to(z.device)
+            noise = standard_normal((len(batch.sid), self.segment_frames * self.hop, 1), f0, rng)
             y_hat = self.dec(z_slice, g, f0, noise)
         else:
             y_hat = self.dec(z_slice, g)
@@ -6185,19 +6205,6 @@ def default_generator_config(version: str, rate: int) -> list:
             list(kernels), WEBUI_SPEAKERS, s["gin"], rate]
 
 
-def read_checkpoint(path: Path, kind: str) -> Mapping[str, Any]:
-    """A WebUI training checkpoint (G or D): its dict, with `model` a dict of tensors."""
-    ckpt = load_torch_file(path)
-    model = ckpt.get("model") if isinstance(ckpt, Mapping) else None
-    if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise ModelFileError(f"not a training checkpoint ({kind}): no 'model' state dict", path)
-    is_d = any(str(k).startswith("discriminators.") for k in model)
-    if is_d != (kind == "D"):
-        raise ModelFileError(f"expected a {'discriminator (D_*.pth)' if kind == 'D' else 'generator (G_*.pth)'}, "
-                             f"this is a {'discriminator' if is_d else 'generator'}", path)
-    return ckpt
-
-
 def load_into(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
     """WebUI-named weights into a training net; every key and shape must fit."""
     ours = from_webui_names(state)
@@ -6235,14 +6242,6 @@ def prune_checkpoints(work: Path, keep: int) -> None:
             (work / f"{kind}_{step}.pth").unlink(missing_ok=True)
 
 
-def small_model(net: TrainingSynthesizer, config: list, info: str) -> dict:
-    """The inference model of a training generator, as --extract_model writes it."""
-    weight = {k: v.half() for k, v in to_webui_names(net.state_dict()).items() if "enc_q" not in k}
-    version = PHONE_DIM_VERSIONS[net.phone_dim]
-    return {"weight": weight, "config": config, "info": info, "version": version, "sr": rate_name(config[-1]),
-            "f0": int(net.has_f0)}
-
-
 def init_from_random(net: TrainingSynthesizer) -> None:
     """What the WebUI's constructors give a generator that no pretrained file fills: normal
     embeddings and the decoder's convolutions drawn with DECODER_INIT_STD."""
@@ -6266,20 +6265,14 @@ def training_networks(run: Run, version: str, rate: int, recipe: TrainingRecipe,
     resume = latest_checkpoints(work) if work.is_dir() else None
     sources = resume or (None if args.pretrained_g is None else Path(args.pretrained_g),
                          None if args.pretrained_d is None else Path(args.pretrained_d))
-    for source, option in zip(sources, ("--pretrained_g", "--pretrained_d")):
-        if source is not None and not source.is_file():
-            raise NotFoundError("pretrained weights not found", source)
-    g_ckpt = read_checkpoint(sources[0], "G") if sources[0] else None
-    d_ckpt = read_checkpoint(sources[1], "D") if sources[1] else None
+    g_ckpt = read_training_checkpoint(sources[0], "G") if sources[0] else None
+    d_ckpt = read_training_checkpoint(sources[1], "D") if sources[1] else None
     if g_ckpt is None or d_ckpt is None:
         run.warn("training starts from random weights (no --pretrained_g/--pretrained_d): on a small dataset "
                  "the voice will be poor; the WebUI's pretrained_v2/f0G40k.pth and f0D40k.pth are the usual start")
     torch.manual_seed(seed)  # (train.py seeds before it builds the networks)
     if g_ckpt is not None:
-        try:
-            config = config_from_weights(g_ckpt["model"], rate)
-        except KeyError as exc:
-            raise ModelFileError(f"not a complete generator: missing tensor {exc.args[0]!r}", sources[0]) from exc
+        config = config_from_weights(g_ckpt["model"], sources[0], rate)
         if PHONE_DIM_VERSIONS[g_ckpt["model"]["enc_p.emb_phone.weight"].shape[1]] != version:
             raise UsageError(f"{sources[0].name} is not a {version} generator; give its --model_version", sources[0])
         if config[-1] != rate:
@@ -6350,12 +6343,12 @@ def train(run: Run) -> int:
     release_freed_memory()
     items = training_items(work, version, nets["has_f0"])
     lengths = [item.wav.stat().st_size // (BUCKET_LENGTH_BYTES * recipe.hop) for item in items]
-    if not bucket_batches(lengths, recipe.batch_size, 1):
+    steps_per_epoch = len(bucket_batches(lengths, recipe.batch_size, 1))  # (the same in every epoch)
+    if not steps_per_epoch:
         raise InputAudioError("no chunk is long enough to train on (each must be about a second or more)", dataset)
     with atomic_file(work / "config.json") as tmp:  # (the WebUI's, so that it can resume from here)
         tmp.write_text(json.dumps(webui_training_config(nets["config"], recipe), indent=4))
 
-    steps_per_epoch = len(bucket_batches(lengths, recipe.batch_size, 1))
     log_every = args.log_every or max(1, steps_per_epoch // LOG_LINES_PER_EPOCH)
     epoch, step, saved_step = nets["epoch"], nets["step"], nets["step"]
     checkpoints: list[str] = []  # (in the report as they are written: an interrupted run names its last)
@@ -6368,8 +6361,7 @@ def train(run: Run) -> int:
         saved_step = step
         checkpoints.append(str(work / f"G_{step}.pth"))
         if args.save_models:  # (the WebUI's save_every_weights, under its names)
-            model = small_model(net_g, nets["config"], f"{at_epoch}epoch")
-            save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER},
+            save_model_atomic(small_model(to_webui_names(net_g.state_dict()), nets["config"], f"{at_epoch}epoch"),
                               model_path.with_name(f"{name}_e{at_epoch}_s{step}.pth"))
         prune_checkpoints(work, DEFAULT_KEEP_CHECKPOINTS if args.keep_checkpoints is None else args.keep_checkpoints)
 
@@ -6412,8 +6404,7 @@ def train(run: Run) -> int:
     finally:
         run.state.deferring = False
 
-    model = small_model(net_g, nets["config"], f"{epochs}epoch")
-    save_model_atomic({key: model[key] for key in MODEL_FILE_ORDER}, model_path)
+    save_model_atomic(small_model(to_webui_names(net_g.state_dict()), nets["config"], f"{epochs}epoch"), model_path)
     _, index = train_feature_index(read_features(work / FEATURE_DIRS[version]), seed, run.say)
     write_index_atomic(index, index_path)
     elapsed = time.perf_counter() - run.state.started

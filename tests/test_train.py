@@ -65,7 +65,7 @@ def mel_l1(checkpoint: Path, work: Path) -> float:
     recipe = rvc.TRAINING_RECIPES[("v2", 40000)]
     batch = rvc.collate([rvc.load_training_item(i, recipe) for i in rvc.training_items(work, "v2", True)])
     state = torch.load(checkpoint, weights_only=True)["model"]
-    config = rvc.config_from_weights(state, 40000)
+    config = rvc.config_from_weights(state, checkpoint, 40000)
     net = rvc.TrainingSynthesizer(rvc.SynthConfig.from_list(config), 768, True, state["emb_g.weight"].shape[0],
                                   config[0], recipe.segment_frames)
     rvc.load_into(net, state, checkpoint)
