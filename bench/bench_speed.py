@@ -4,6 +4,7 @@ conversions in fp32 and bf16 with the full-size random models, and bf16's SNR ag
 
     python bench/bench_speed.py                          # 10 s and 60 s
     python bench/bench_speed.py --baseline OLD.py        # also an older rvc_modulator.py, same inputs
+    python bench/bench_speed.py --compare DRIVER.py ARG... {input} {output}   # another converter
 
 1. In this process: torch.mm 2048^3 and a large conv1d in fp32 and bf16 (the faster of the
    two is the peak), and the full-size v2 40k synthesizer on 10 s of frames, fp32 and
@@ -12,6 +13,12 @@ conversions in fp32 and bf16 with the full-size random models, and bf16's SNR ag
 2. Each conversion is a fresh `rvc_modulator.py ... --json` process, as a service pays it:
    wall time, RTF (conversion time / audio duration) and the child's own peak RSS.
 3. SNR of the bf16 output against the fp32 output of the same input and --seed.
+4. With --compare, another converter's Python script runs on the same inputs, measured the
+   same way ({input} and {output} in its arguments are replaced by the WAV paths; it gets
+   bench/out/models_full, whose files it may read, through $BENCH_MODELS), and each of our
+   rows gets "x compare": its process time over ours. This is how the official RVC WebUI
+   is timed beside us: a driver script that calls its VC.get_vc and VC.vc_single, kept
+   outside this repository like the WebUI itself.
 Compare figures only within one run: machines and their load differ.
 """
 from __future__ import annotations
@@ -107,10 +114,26 @@ def synthesizer_figures(models) -> list[dict]:
     return rows
 
 
+def compare_run(command: list | None, source, target, models, seconds: float) -> dict | None:
+    """One run of the --compare converter on `source`, as a row of the results table."""
+    if not command:
+        return None
+    script, *rest = command
+    argv = [a.replace("{input}", str(source)).replace("{output}", str(target)) for a in rest]
+    run = measure(python_with_peak(script, *argv), env={"BENCH_MODELS": str(models)})
+    if run.returncode != 0 or not target.exists():
+        sys.exit(f"--compare failed on {seconds:g} s:\n{run.stderr[-2000:]}")
+    return {"audio s": f"{seconds:g}", "script": "compare", "precision": "its own",
+            "process s": f"{run.wall:.2f}", "RTF": "", "f0 s": "", "features s": "", "synthesis s": "",
+            "peak RSS MB": f"{run.peak_rss_mb:.0f}", "bf16 SNR dB": "", "x compare": ""}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60])
     parser.add_argument("--baseline", help="another rvc_modulator.py to run on the same inputs")
+    parser.add_argument("--compare", nargs="+", metavar="SCRIPT_AND_ARGS",
+                        help="another converter: a Python script and its arguments, with {input} and {output}")
     parser.add_argument("--skip_synthesizer", action="store_true")
     args = parser.parse_args()
 
@@ -128,6 +151,10 @@ def main() -> None:
         if not source.exists():
             sf.write(source, speech_like(seconds), SR, subtype="PCM_16")
         outputs = {}
+        compared = compare_run(args.compare, source, out / f"speed_compare_{seconds:g}s.wav", models, seconds)
+        if compared:
+            rows.append(compared)
+            print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
         for label, script in scripts:
             for precision in ("fp32", "bf16"):
                 target = out / f"speed_{label}_{precision}_{seconds:g}s.wav"
@@ -143,6 +170,8 @@ def main() -> None:
                              "f0 s": f"{t['f0']:.2f}", "features s": f"{t['features']:.2f}",
                              "synthesis s": f"{t['synthesis']:.2f}", "peak RSS MB": f"{run.peak_rss_mb:.0f}",
                              "bf16 SNR dB": ""})
+                if compared:
+                    rows[-1]["x compare"] = f"{float(compared['process s']) / run.wall:.2f}"
                 if precision == "bf16":
                     rows[-1]["bf16 SNR dB"] = f"{snr_db(outputs[label, 'fp32'], outputs[label, 'bf16']):.1f}"
                 print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
