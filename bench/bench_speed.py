@@ -114,6 +114,11 @@ def synthesizer_figures(models) -> list[dict]:
     return rows
 
 
+def print_last_row(rows: list[dict]) -> None:
+    """The newest row as it will stand in the final table (with the header, for the first)."""
+    print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
+
+
 def compare_run(command: list | None, source, target, models, seconds: float) -> dict | None:
     """One run of the --compare converter on `source`, as a row of the results table."""
     if not command:
@@ -154,7 +159,7 @@ def main() -> None:
         compared = compare_run(args.compare, source, out / f"speed_compare_{seconds:g}s.wav", models, seconds)
         if compared:
             rows.append(compared)
-            print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
+            print_last_row(rows)
         for label, script in scripts:
             for precision in ("fp32", "bf16"):
                 target = out / f"speed_{label}_{precision}_{seconds:g}s.wav"
@@ -174,7 +179,7 @@ def main() -> None:
                     rows[-1]["x compare"] = f"{float(compared['process s']) / run.wall:.2f}"
                 if precision == "bf16":
                     rows[-1]["bf16 SNR dB"] = f"{snr_db(outputs[label, 'fp32'], outputs[label, 'bf16']):.1f}"
-                print(table(rows[-1:]) if len(rows) == 1 else table(rows).splitlines()[-1], flush=True)
+                print_last_row(rows)
     print()
     print(table(rows))
 
