@@ -3580,7 +3580,7 @@ class Timings:
     """Seconds spent per stage, reported by --json in this order, with `other` (what no stage
     claims: option checks, the run's own bookkeeping) and `total`, their sum."""
 
-    read: float = 0.0  # decoding the input to 16 kHz mono
+    read: float = 0.0  # decoding the input to 16 kHz mono (soundfile's import included)
     load: float = 0.0
     condition: float = 0.0  # high-pass filter (scipy's import included) and segment cuts
     f0: float = 0.0
@@ -4521,14 +4521,16 @@ def prepare(run: Run, audio: InputAudio | None = None) -> tuple[Converter, Input
     model_path = paths.voice_model(args.model)
     index_path = choose_index(run, model_path)
     spec = output_spec(args.output, args.output_format, args.bit_depth)
-    check_output_writable(Path(args.output), spec)
+    timings = run.report.get("timings") or Timings()
+    start = time.perf_counter()
+    check_output_writable(Path(args.output), spec)  # imports soundfile: the audio I/O's time is read time
+    timings.read += time.perf_counter() - start
     if args.output_format and spec.name != args.output_format:
         run.warn(f"--output_format {args.output_format} has no effect: OUTPUT's extension makes it {spec.name}")
     if args.bit_depth and None in OUTPUT_FORMATS[spec.name][1]:
         run.warn(f"--bit_depth has no effect on {spec.name.upper()}: a lossy format has no bit depth")
     scratch = run.output_file().parent  # the scratch audio goes beside the output
     device, dtype = use_device(args)
-    timings = run.report.get("timings") or Timings()
     if audio is None:
         start = time.perf_counter()
         stdin = args.input == STDIO
