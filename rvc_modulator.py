@@ -1893,6 +1893,7 @@ RMVPE_CHUNK_FRAMES = RMVPE_MAX_UNCHUNKED_FRAMES - 2 * RMVPE_CONTEXT_FRAMES  # 32
 RMVPE_PIECE_FRAMES = 512
 RMVPE_PIECEWISE_LEVELS = 5  # the top levels that run in pieces: all of RVC's five
 RMVPE_MMAP_THRESHOLD = 16 << 20  # bytes; above every piece's blocks (the largest: the top decoder level's 9 MB)
+RMVPE_GRU_PIECE_FRAMES = 2048  # the BiGRU's frames at a time (RMVPEBiGRU); 512 would be twice as slow (measured)
 
 
 # The HTK mel scale in librosa's spelling. It is the scale of coarse pitch (1127 ln(1 + f/700),
@@ -2131,12 +2132,44 @@ class RMVPEUNet(nn.Module):
 
 
 class RMVPEBiGRU(nn.Module):
+    """A bidirectional GRU that runs long sequences RMVPE_GRU_PIECE_FRAMES at a time.
+
+    torch's GRU computes the input projections of the whole sequence at once (3·hidden
+    values per frame and direction: 40 MB for a 64 s window, with its other whole-sequence
+    temporaries). On a CPU each direction instead runs in pieces, its hidden state carried
+    from piece to piece (the backward one from the end): the same recurrence, through the
+    same kernels, bit for bit (measured), at the same speed. On a GPU the whole sequence
+    is one call."""
+
     def __init__(self, n_in: int, n_hidden: int, n_layers: int):
         super().__init__()
         self.gru = nn.GRU(n_in, n_hidden, num_layers=n_layers, batch_first=True, bidirectional=True)
 
+    def _one_way(self, layer: int, suffix: str) -> nn.GRU:
+        """One direction of one layer as a one-layer GRU on the same tensors (not copies)."""
+        gru = self.gru
+        one = nn.GRU(gru.input_size if layer == 0 else 2 * gru.hidden_size, gru.hidden_size, batch_first=True)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            setattr(one, f"{name}_l0", getattr(gru, f"{name}_l{layer}{suffix}"))
+        return one
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n_in) -> (B, T, 2·n_hidden)
-        return self.gru(x)[0]
+        b, t, _ = x.shape
+        if t <= RMVPE_GRU_PIECE_FRAMES or x.device.type != "cpu":
+            return self.gru(x)[0]
+        hidden = self.gru.hidden_size
+        for layer in range(self.gru.num_layers):  # (RVC's RMVPE has one)
+            out = x.new_empty(b, t, 2 * hidden)  # (B, T, 2·hidden): forward, then backward
+            for direction, suffix in enumerate(("", "_reverse")):
+                one, h = self._one_way(layer, suffix), None
+                starts = range(0, t, RMVPE_GRU_PIECE_FRAMES)
+                for start in reversed(starts) if direction else starts:
+                    piece = x[:, start: start + RMVPE_GRU_PIECE_FRAMES]
+                    y, h = one(piece.flip(1) if direction else piece, h)
+                    out[:, start: start + piece.shape[1], direction * hidden: (direction + 1) * hidden] = (
+                        y.flip(1) if direction else y)
+            x = out
+        return x
 
 
 class RMVPE(nn.Module):
@@ -2553,12 +2586,17 @@ class SynthAttention(nn.Module):
         out = torch.empty_like(q)  # (B, H, T, D)
         for start in range(0, t, ATTENTION_QUERY_ROWS):
             rows = q[:, :, start: start + ATTENTION_QUERY_ROWS]  # (B, H, R, D)
+            stop = start + rows.shape[2]
             scores = rows @ k.transpose(-2, -1)  # (B, H, R, T)
-            scores += relative_to_absolute(rows @ self.emb_rel_k.transpose(-2, -1), self.window, t, start)
+            # The relative terms touch only the keys within ±W of these rows: work on that band.
+            lo, hi = max(0, start - self.window), min(t, stop + self.window)
+            scores[..., lo:hi] += relative_to_absolute(rows @ self.emb_rel_k.transpose(-2, -1), self.window,
+                                                       hi - lo, start - lo)
             if mask is not None:
-                scores = scores.masked_fill(mask[:, :, start: start + rows.shape[2]] == 0, ATTENTION_MASKED)
+                scores = scores.masked_fill(mask[:, :, start:stop] == 0, ATTENTION_MASKED)
             p = F.softmax(scores, dim=-1)
-            out[:, :, start: start + rows.shape[2]] = p @ v + absolute_to_relative(p, self.window, start) @ self.emb_rel_v
+            del scores
+            out[:, :, start:stop] = p @ v + absolute_to_relative(p[..., lo:hi], self.window, start - lo) @ self.emb_rel_v
         return self.conv_o(out.transpose(2, 3).reshape(b, c, t))
 
 

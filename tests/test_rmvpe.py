@@ -323,6 +323,20 @@ def test_the_levels_in_time_pieces_give_the_whole_signals_salience(tiny, monkeyp
     assert (tiny.salience(mel) - whole).abs().max() > 1e-4
 
 
+def test_the_bigru_in_pieces_equals_the_bigru_over_the_whole_sequence(monkeypatch):
+    torch.manual_seed(0)
+    bigru = rvc.RMVPEBiGRU(12, 8, n_layers=2)  # the second layer reads both directions of the first
+    x = torch.randn(1, 50, 12)
+    with torch.inference_mode():
+        whole = bigru.gru(x)[0]  # (1, 50, 16)
+        monkeypatch.setattr(rvc, "RMVPE_GRU_PIECE_FRAMES", 16)  # 4 pieces, the last one short
+        pieces = bigru(x)
+    assert pieces.shape == whole.shape == (1, 50, 16)
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+    assert [name for name, _ in bigru.named_parameters()] == [name for name, _ in bigru.gru.named_parameters(
+        prefix="gru")]  # rmvpe.pt's keys: the pieces' one-way GRUs hold no weights of their own
+
+
 def test_rmvpe_maps_its_whole_chunk_tensors_outside_the_heap(tiny, monkeypatch):
     # The pieces' blocks stay in the heap (their sizes repeat); the tensors of a whole chunk
     # are mapped, so that chunks after the first do not grow the heap around them.
