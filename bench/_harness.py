@@ -41,14 +41,20 @@ def _reported_peak_mb(stderr: str) -> float:
 
 # The child reports its own peak from /proc (VmHWM): getrusage's ru_maxrss would carry over
 # the high-water mark of the forked parent across exec, and this parent holds big models.
+# It reports also when the script ends with os._exit (rvc_modulator.py does, after main()).
 PEAK_WRAPPER = (
-    "import re, runpy, sys;"
-    "sys.argv = sys.argv[1:];"
+    "import os, re, runpy, sys;"
+    "sys.argv = sys.argv[1:]\n"
+    "def report():\n"
+    "    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+    "    print(f'PEAK_RSS_KB={hwm}', file=sys.stderr, flush=True)\n"
+    "exit_now = os._exit\n"
+    "def reported_exit(code):\n    report()\n    exit_now(code)\n"
+    "os._exit = reported_exit\n"
     "code = 0\n"
     "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
     "except SystemExit as e:\n    code = e.code if isinstance(e.code, int) else 0\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print(f'PEAK_RSS_KB={hwm}', file=sys.stderr)\n"
+    "report()\n"
     "sys.exit(code)"
 )
 
